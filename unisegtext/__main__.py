@@ -1,0 +1,5 @@
+import sys
+
+from unisegtext.cli import main
+
+sys.exit(main())
