@@ -1,0 +1,91 @@
+"""`unisegtext segment`: segment a scan from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "segment",
+        help="segment structures named by text prompts",
+        description="Segment a CT or MR scan: one mask per prompt, written on the input grid.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-i", "--input", help="scan: .nii/.nii.gz file, DICOM folder or DICOM .zip")
+    src.add_argument("--example", action="store_true", help="use the bundled example CT (abdomen, 3 mm)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-p", "--prompt", action="append", nargs="+", default=[], metavar="TEXT",
+                   help="a structure to segment (repeat: -p liver -p 'kidney tumor')")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--model", default=None, help="checkpoint folder, Hub repo id, or built-in name (default: unisegtext-nano)")
+    p.add_argument("--ml", "--multilabel", dest="multilabel", action="store_true",
+                   help="write one multilabel NIfTI + labels.json instead of one file per prompt")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"], help="default: cuda if available")
+    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1)")
+    p.add_argument("--threshold", type=float, default=None, help="probability threshold (default 0.5)")
+    p.add_argument("--modality", choices=["CT", "MR"], default=None, help="default: DICOM tag or guessed")
+    p.add_argument("--channel", type=int, default=None, help="for 4D inputs: which volume to use")
+    p.add_argument("--open-vocabulary", action="store_true", help="run unknown prompts on their raw text (with a warning)")
+    p.add_argument("--probabilities", action="store_true", help="also write probability maps")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    p.set_defaults(func=run)
+
+
+def collect_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = [text for group in args.prompt for text in group]
+    if args.prompts_file:
+        lines = Path(args.prompts_file).read_text().splitlines()
+        prompts += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    from unisegtext.errors import PromptError
+    from unisegtext.inference import segment
+
+    prompts = collect_prompts(args)
+    if not prompts:
+        raise PromptError("no prompts given; add at least one with -p, e.g. -p liver")
+    if args.example:
+        from unisegtext.examples import example_path
+
+        source = str(example_path("ct"))
+    else:
+        source = args.input
+    result = segment(
+        source,
+        prompts,
+        model=args.model,
+        modality=args.modality,
+        device=args.device,
+        threshold=args.threshold,
+        overlap=args.overlap,
+        return_probabilities=args.probabilities,
+        progress=not args.quiet,
+        open_vocabulary=args.open_vocabulary,
+        channel=args.channel,
+    )
+    files = result.save(args.output, multilabel=args.multilabel, probabilities=args.probabilities)
+    if not args.quiet:
+        summary = {
+            prompt: {
+                "concept": r.concept_id,
+                "how": r.how,
+                "volume_ml": round(result.volumes_ml[prompt], 2),
+                **({"union_of": r.union_of} if r.union_of else {}),
+            }
+            for prompt, r in result.resolutions.items()
+        }
+        print(json.dumps({"output": [str(f) for f in files], "prompts": summary,
+                          "seconds": round(result.timings["total"], 2)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from unisegtext.cli import main
+
+    sys.exit(main(["segment", *sys.argv[1:]]))

@@ -1,0 +1,230 @@
+"""`SegmentationResult`: masks on the input grid, what each prompt meant, and writers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unisegtext.io.nifti import image_like, save_nifti_atomic
+from unisegtext.io.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptResolution:
+    """How one prompt was understood.
+
+    Attributes:
+        prompt: the text as given.
+        concept_id: the knowledge-tree concept it resolved to (None in open-vocabulary mode
+            when nothing matched).
+        concept_name: the concept's preferred name.
+        how: "exact", "synonym", "normalised", "fuzzy", "embedding" or "open_vocabulary".
+        confidence: 0..1.
+        union_of: concepts queried and merged when the model has no direct training for the
+            concept ("kidney" -> kidney_left + kidney_right); empty when queried directly.
+        text: the text(s) given to the text encoder.
+        warnings: anything the user should know (guesses, unions, untrained concepts).
+    """
+
+    prompt: str
+    concept_id: str | None
+    concept_name: str | None
+    how: str
+    confidence: float
+    union_of: list[str] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SegmentationResult:
+    """Masks for every prompt on the exact input grid.
+
+    Attributes:
+        masks: prompt -> bool array (X, Y, Z) on the input grid.
+        probabilities: prompt -> float32 array (X, Y, Z), if asked for.
+        resolutions: prompt -> :class:`PromptResolution`.
+        volume: the input scan (its grid, affine and header are used by the writers).
+        scores: prompt -> mean probability inside the mask (0 when empty).
+        timings: seconds per stage.
+        model: a short description of the model that produced it.
+    """
+
+    masks: dict[str, np.ndarray]
+    resolutions: dict[str, PromptResolution]
+    volume: Volume
+    probabilities: dict[str, np.ndarray] | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompts(self) -> list[str]:
+        return list(self.masks)
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.volume.affine
+
+    @property
+    def volumes_ml(self) -> dict[str, float]:
+        """Volume of each mask in millilitres."""
+        voxel = self.volume.voxel_volume_ml
+        return {p: float(np.count_nonzero(m)) * voxel for p, m in self.masks.items()}
+
+    def __getitem__(self, prompt: str) -> np.ndarray:
+        return self.masks[prompt]
+
+    def __iter__(self):
+        return iter(self.masks)
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{p!r}: {v:.1f} mL" for p, v in self.volumes_ml.items())
+        return f"SegmentationResult(shape={self.volume.shape}, {{{parts}}})"
+
+    # ------------------------------------------------------------------ multilabel
+    def label_map(self) -> tuple[np.ndarray, dict[int, str]]:
+        """One uint8/uint16 label map and its values (1..P in prompt order).
+
+        Where masks overlap ("kidney" and "kidney tumor"), the voxel takes the label of the
+        smallest mask, so nested structures (tumours in organs) stay visible.
+        """
+        prompts = self.prompts
+        dtype = np.uint8 if len(prompts) < 255 else np.uint16
+        labels = np.zeros(self.volume.shape, dtype=dtype)
+        order = sorted(range(len(prompts)), key=lambda i: -int(np.count_nonzero(self.masks[prompts[i]])))
+        overlapping = 0
+        for i in order:  # largest first; smaller masks overwrite
+            mask = self.masks[prompts[i]]
+            overlapping += int(np.count_nonzero(labels[mask]))
+            labels[mask] = i + 1
+        if overlapping:
+            logger.info("%d voxels are in more than one mask; the smallest mask's label is kept", overlapping)
+        return labels, {i + 1: p for i, p in enumerate(prompts)}
+
+    # ------------------------------------------------------------------ writers
+    def save(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        multilabel: bool = False,
+        probabilities: bool = False,
+        output_type: str = "nifti",
+    ) -> list[Path]:
+        """Write the masks into `out_dir` and return the written files.
+
+        Files are written to a temporary folder next to `out_dir` first and moved in at the
+        end, so a failure never leaves a partial result behind.
+
+        Args:
+            multilabel: one `segmentation.nii.gz` + `labels.json` instead of one file per prompt.
+            probabilities: also write `<name>_prob.nii.gz` float maps (needs
+                return_probabilities=True).
+            output_type: "nifti" or "dicom-seg" (needs the `dicom` extra).
+        """
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".unisegtext-partial-", dir=out_dir.parent))
+        try:
+            written = self._write(staging, multilabel=multilabel, probabilities=probabilities, output_type=output_type)
+            final = []
+            for path in written:
+                target = out_dir / path.name
+                os.replace(path, target)
+                final.append(target)
+            return final
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _write(self, folder: Path, *, multilabel: bool, probabilities: bool, output_type: str) -> list[Path]:
+        written: list[Path] = []
+        names = file_names(self.prompts)
+        if output_type == "dicom-seg":
+            from unisegtext.io.dicom_seg import write_dicom_seg
+
+            written.append(write_dicom_seg(self, folder / "segmentation.dcm"))
+        elif output_type != "nifti":
+            raise ValueError(f"output_type must be 'nifti' or 'dicom-seg', got {output_type!r}")
+        elif multilabel:
+            labels, values = self.label_map()
+            written.append(save_nifti_atomic(image_like(labels, self.volume), folder / "segmentation.nii.gz"))
+            label_json = {"0": "background"} | {str(k): v for k, v in values.items()}
+            written.append(_write_json(folder / "labels.json", label_json))
+        else:
+            for prompt, name in names.items():
+                mask = self.masks[prompt].astype(np.uint8)
+                written.append(save_nifti_atomic(image_like(mask, self.volume), folder / f"{name}.nii.gz"))
+        if probabilities:
+            if self.probabilities is None:
+                raise ValueError("no probabilities to write: call segment(..., return_probabilities=True)")
+            for prompt, name in names.items():
+                prob = self.probabilities[prompt].astype(np.float32)
+                written.append(save_nifti_atomic(image_like(prob, self.volume), folder / f"{name}_prob.nii.gz"))
+        summary = {
+            "prompts": {p: r.to_dict() for p, r in self.resolutions.items()},
+            "files": {p: f"{names[p]}.nii.gz" for p in self.prompts} if output_type == "nifti" and not multilabel else {},
+            "volumes_ml": self.volumes_ml,
+            "scores": self.scores,
+            "model": self.model,
+        }
+        written.append(_write_json(folder / "prompts.json", summary))
+        return written
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able summary (no arrays)."""
+        return {
+            "shape": list(self.volume.shape),
+            "spacing_mm": list(self.volume.spacing),
+            "prompts": {p: r.to_dict() for p, r in self.resolutions.items()},
+            "volumes_ml": self.volumes_ml,
+            "scores": self.scores,
+            "timings": self.timings,
+            "model": self.model,
+        }
+
+
+def file_names(prompts: list[str]) -> dict[str, str]:
+    """A safe, unique file stem per prompt ("kidney tumor" -> "kidney_tumor")."""
+    names: dict[str, str] = {}
+    used: set[str] = set()
+    for prompt in prompts:
+        stem = re.sub(r"[^A-Za-z0-9]+", "_", prompt.strip()).strip("_").lower() or "prompt"
+        stem = stem[:80]
+        candidate, n = stem, 2
+        while candidate in used or candidate in {"segmentation", "labels", "prompts"}:
+            candidate, n = f"{stem}_{n}", n + 1
+        used.add(candidate)
+        names[prompt] = candidate
+    return names
+
+
+def _write_json(path: Path, data: Any) -> Path:
+    path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,218 @@
+"""`segment()`: the user-facing pipeline around the network.
+
+volume -> resolve prompts -> encode text once -> preprocess -> sliding window (backbone once
+per window for all prompts, prompts decoded in chunks) -> back to the input grid -> result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from unisegtext.errors import UniSegError
+from unisegtext.inference.preprocessing import PreparedVolume, preprocess, restore
+from unisegtext.inference.prompts import check_prompts, resolve_prompts
+from unisegtext.inference.result import SegmentationResult
+from unisegtext.io import VolumeLike, read_volume
+from unisegtext.models import UniSegText
+
+logger = logging.getLogger(__name__)
+
+_MODEL_CACHE: OrderedDict[tuple[str, str], UniSegText] = OrderedDict()
+_MODEL_CACHE_SIZE = 2
+
+
+def load_model(model: UniSegText | str | None, device: torch.device) -> UniSegText:
+    """A model instance: given, or loaded (and cached, at most two) by name or folder."""
+    if isinstance(model, UniSegText):
+        return model.to(device).eval()
+    key = (str(model) if model is not None else "", str(device))
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE[key] = UniSegText.from_pretrained(model, device=device)
+        while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
+            _MODEL_CACHE.popitem(last=False)
+    _MODEL_CACHE.move_to_end(key)
+    return _MODEL_CACHE[key]
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UniSegError("device 'cuda' was asked for but no CUDA GPU is available; use device='cpu'")
+    return device
+
+
+def predict_probabilities(
+    model: UniSegText,
+    prepared: PreparedVolume,
+    text_embeddings: torch.Tensor,
+    *,
+    overlap: float,
+    sw_batch_size: int,
+    max_prompts_per_pass: int,
+    blend_mode: str = "gaussian",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Sliding-window probabilities (P, X', Y', Z') in model space.
+
+    The backbone runs once per window; prompts are decoded from its features in chunks of
+    `max_prompts_per_pass`, so many prompts cost little more than one.
+    """
+    from monai.inferers import sliding_window_inference
+
+    device = text_embeddings.device
+    patch = tuple(model.config.preprocessing.patch_size)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            features = model.encode_image(window)
+            chunks = [
+                torch.sigmoid(model.decode(features, text_embeddings[i : i + max_prompts_per_pass]).float())
+                for i in range(0, text_embeddings.shape[0], max_prompts_per_pass)
+            ]
+        return torch.cat(chunks, dim=1)
+
+    image = prepared.image.unsqueeze(0).to(device)  # (1, 1, X', Y', Z')
+    n_windows = math.prod(max(1, math.ceil((s - p) / (p * (1 - overlap))) + 1) if s > p else 1 for s, p in zip(image.shape[2:], patch))
+    with torch.inference_mode():
+        probabilities = sliding_window_inference(
+            image,
+            roi_size=patch,
+            sw_batch_size=sw_batch_size,
+            predictor=predictor,
+            overlap=overlap,
+            mode=blend_mode,
+            padding_mode="constant",
+            cval=prepared.pad_value,
+            progress=progress and n_windows >= 8,
+        )
+    return probabilities[0]  # (P, X', Y', Z')
+
+
+def segment(
+    volume: VolumeLike,
+    prompts: Sequence[str] | str,
+    model: UniSegText | str | None = None,
+    *,
+    affine: np.ndarray | None = None,
+    modality: str | None = None,
+    device: str | torch.device | None = None,
+    threshold: float | None = None,
+    overlap: float | None = None,
+    return_probabilities: bool = False,
+    progress: bool = True,
+    open_vocabulary: bool = False,
+    channel: int | None = None,
+    sw_batch_size: int | None = None,
+    max_prompts_per_pass: int | None = None,
+) -> SegmentationResult:
+    """Segment the structures named by `prompts` in a 3D CT or MR scan.
+
+    Args:
+        volume: a NIfTI path, DICOM folder/zip, nibabel image, :class:`~unisegtext.io.Volume`
+            or numpy array (with `affine`).
+        prompts: anatomical terms ("liver", "R kidney", "kidney tumor", "L1").
+        model: a :class:`UniSegText`, a checkpoint folder, a Hub repo id, or None for the
+            built-in default (`unisegtext-nano`).
+        affine: (4, 4) voxel -> RAS mm matrix when `volume` is an array.
+        modality: "CT" or "MR" (default: from DICOM, else guessed from intensities).
+        device: "cpu", "cuda" or None (CUDA when available).
+        threshold: probability above which a voxel is in the mask (default from the model).
+        overlap: sliding-window overlap in [0, 1) (default from the model).
+        return_probabilities: also return float probability maps.
+        progress: show a progress bar on volumes that need many windows.
+        open_vocabulary: run prompts that match no concept on their raw text (with a warning)
+            instead of raising :class:`~unisegtext.errors.UnknownConceptError`.
+        channel: for 4D inputs, which volume to segment.
+        sw_batch_size: windows per forward pass.
+        max_prompts_per_pass: prompts decoded together from one window's features.
+
+    Returns:
+        A :class:`SegmentationResult` with one bool mask per prompt on the input grid.
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    prompts = check_prompts(prompts)
+    vol = read_volume(volume, affine, modality=modality, channel=channel)
+    timings["read"] = time.perf_counter() - t0
+
+    dev = pick_device(device)
+    t = time.perf_counter()
+    net = load_model(model, dev)
+    cfg = net.config
+    timings["load_model"] = time.perf_counter() - t
+    threshold = cfg.inference.threshold if threshold is None else float(threshold)
+    overlap = cfg.inference.overlap if overlap is None else float(overlap)
+    if not 0.0 <= threshold <= 1.0:
+        raise UniSegError(f"threshold must be within [0, 1], got {threshold}")
+    if not 0.0 <= overlap < 1.0:
+        raise UniSegError(f"overlap must be within [0, 1), got {overlap}")
+
+    t = time.perf_counter()
+    resolutions = resolve_prompts(prompts, cfg.concepts, cfg.text.template, open_vocabulary=open_vocabulary)
+    texts = list(dict.fromkeys(text for r in resolutions for text in r.text))
+    with torch.inference_mode():
+        text_embeddings = net.encode_text(texts).to(dev)
+    timings["text"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    prepared = preprocess(vol, cfg.preprocessing, modality=vol.modality)
+    timings["preprocess"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    probabilities = predict_probabilities(
+        net, prepared, text_embeddings,
+        overlap=overlap,
+        sw_batch_size=sw_batch_size or cfg.inference.sw_batch_size,
+        max_prompts_per_pass=max_prompts_per_pass or cfg.inference.max_prompts_per_pass,
+        blend_mode=cfg.inference.blend_mode,
+        progress=progress,
+    )
+    timings["inference"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    index = {text: i for i, text in enumerate(texts)}
+    masks: dict[str, np.ndarray] = {}
+    probs_out: dict[str, np.ndarray] | None = {} if return_probabilities else None
+    scores: dict[str, float] = {}
+    for r in resolutions:
+        # a union prompt's probability is the voxel-wise max of its members on the input grid,
+        # so its mask is exactly the union of the members' masks
+        prob = restore(probabilities[[index[text] for text in r.text]], prepared).max(axis=0)
+        mask = prob > threshold
+        masks[r.prompt] = mask
+        scores[r.prompt] = float(prob[mask].mean()) if mask.any() else 0.0
+        if probs_out is not None:
+            probs_out[r.prompt] = prob.astype(np.float32)
+    timings["postprocess"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    return SegmentationResult(
+        masks=masks,
+        resolutions={r.prompt: r for r in resolutions},
+        volume=vol,
+        probabilities=probs_out,
+        scores=scores,
+        timings=timings,
+        model={"name": net.name_or_path or "in-memory model", "weights_sha256": net.weights_sha256,
+               "preset": cfg.preset, "head": cfg.decoder.head, "device": str(dev)},
+    )
+
+
+def segment_many(volumes: Sequence[VolumeLike], prompts: Sequence[str], model: UniSegText | str | None = None, **kwargs: Any) -> list[SegmentationResult]:
+    """Segment several scans with one model load; prompt embeddings are cached across scans."""
+    dev = pick_device(kwargs.pop("device", None))
+    net = load_model(model, dev)
+    return [segment(v, prompts, net, device=dev, **kwargs) for v in volumes]
