@@ -258,7 +258,11 @@ def run_import(out_dir: Path = sources.IMPORTED_DIR) -> dict[str, int]:
     by_meaning: dict[str, list[str]] = defaultdict(list)
     for value, code in dicom.items():
         by_meaning[normalize(_clean_dicom_meaning(code.meaning))].append(value)
-    curated_codes = {str((e.get("dicom") or {}).get("type")) for e in curated.values() if e.get("dicom")}
+    # a code already carried by an unlateralised curated concept is not given to an imported one;
+    # a lateralised curated concept (code + laterality modifier) leaves the plain code free
+    curated_codes = {
+        str((e.get("dicom") or {}).get("type")) for e in curated.values() if e.get("dicom") and not e.get("laterality")
+    }
 
     names = {cid: (curated[cid]["name"] if cid in curated else all_rows[uid]["label"])
              for uid, cid in uid_to_id.items()}
