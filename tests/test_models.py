@@ -178,3 +178,14 @@ def test_bad_model_names(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         UniSegText.from_pretrained(tmp_path / "empty")
+
+
+def test_text_cache_survives_eval_but_not_training(tiny_model):
+    tiny_model.clear_text_cache()
+    with torch.no_grad():
+        tiny_model.encode_text(["liver"])
+    tiny_model.eval()
+    assert len(tiny_model._text_cache) == 1
+    tiny_model.train()
+    assert len(tiny_model._text_cache) == 0
+    tiny_model.eval()

@@ -89,7 +89,8 @@ class UniSegText(nn.Module):
         return self.decode(self.encode_image(image), text_embeddings)
 
     def train(self, mode: bool = True):
-        self._text_cache.clear()
+        if mode:  # weights may change from here on; eval() keeps the cache
+            self._text_cache.clear()
         return super().train(mode)
 
     def clear_text_cache(self) -> None:
