@@ -8,6 +8,7 @@ import zipfile
 import nibabel as nib
 import numpy as np
 import pytest
+from dicom_helpers import write_series
 
 from unisegtext.errors import VolumeError
 from unisegtext.io import Volume, image_like, read_volume, save_nifti_atomic
@@ -105,50 +106,11 @@ def test_volume_validates_affine():
         Volume(np.zeros((4, 4, 4)), np.zeros((4, 4)))
 
 
-def _write_series(folder, vol: Volume, modality="CT", shuffle=True, uid="1.2.3"):
-    """A minimal multi-slice DICOM series of `vol` (LPS patient coordinates)."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir(parents=True, exist_ok=True)
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ vol.affine
-    row_dir = lps[:3, 0] / np.linalg.norm(lps[:3, 0])
-    col_dir = lps[:3, 1] / np.linalg.norm(lps[:3, 1])
-    data = np.round(vol.array).astype(np.int32)
-    order = list(range(vol.shape[2]))
-    if shuffle:
-        np.random.default_rng(0).shuffle(order)
-    for n, k in enumerate(order):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(folder / f"{n:04d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.Modality = modality
-        ds.SeriesInstanceUID = uid
-        ds.StudyInstanceUID = "1.2.3.4"
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.SOPClassUID = meta.MediaStorageSOPClassUID
-        ds.ImageOrientationPatient = [float(v) for v in (*row_dir, *col_dir)]
-        ds.ImagePositionPatient = [float(v) for v in (lps @ np.array([0, 0, k, 1.0]))[:3]]
-        ds.PixelSpacing = [float(np.linalg.norm(lps[:3, 1])), float(np.linalg.norm(lps[:3, 0]))]
-        ds.SliceThickness = float(np.linalg.norm(lps[:3, 2]))
-        ds.Rows, ds.Columns = vol.shape[1], vol.shape[0]
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-        ds.PixelRepresentation = 0
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.RescaleIntercept = -1024.0
-        ds.RescaleSlope = 1.0
-        ds.PixelData = (data[:, :, k].T + 1024).astype(np.uint16).tobytes()
-        ds.save_as(str(folder / f"{n:04d}.dcm"), enforce_file_format=True)
-
-
 def test_dicom_series_folder_and_zip(ct_path, tmp_path):
     pytest.importorskip("pydicom")
     vol = read_volume(ct_path)
     sub = Volume(vol.array[:40, :30, :12], vol.affine, modality="CT")
-    _write_series(tmp_path / "series", sub)
+    write_series(tmp_path / "series", sub)
     back = read_volume(tmp_path / "series")
     assert back.shape == sub.shape
     assert back.modality == "CT"

@@ -31,6 +31,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--channel", type=int, default=None, help="for 4D inputs: which volume to use")
     p.add_argument("--open-vocabulary", action="store_true", help="run unknown prompts on their raw text (with a warning)")
     p.add_argument("--probabilities", action="store_true", help="also write probability maps")
+    p.add_argument("--output-type", choices=["nifti", "dicom-seg"], default="nifti",
+                   help="nifti (default) or dicom-seg: one DICOM SEG referencing the input series "
+                        "(DICOM input only; needs the `dicom` extra)")
+    p.add_argument("--dicom-generic-codes", action="store_true",
+                   help="for dicom-seg: code concepts without a DICOM code as the generic 'Tissue' "
+                        "(or 'Lesion') instead of refusing")
+    p.add_argument("--statistics", action="store_true",
+                   help="write statistics.json: volume, centroid, bounding box, intensity, components per prompt")
+    p.add_argument("--preview", action="store_true",
+                   help="write preview.png: axial, coronal and sagittal overlays with a legend")
+    p.add_argument("--report", metavar="PATH", default=None,
+                   help="write a run report (versions, model and weights hash, prompts, files, timings) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     p.set_defaults(func=run)
 
@@ -56,6 +68,13 @@ def run(args: argparse.Namespace) -> int:
         source = str(example_path("ct"))
     else:
         source = args.input
+    if args.output_type == "dicom-seg":  # refuse before any computation
+        from unisegtext.io import read_volume
+        from unisegtext.io.dicom_seg import check_prompts_codable, source_datasets
+
+        source = read_volume(source, modality=args.modality, channel=args.channel)
+        source_datasets(source)
+        check_prompts_codable(prompts, generic_codes=args.dicom_generic_codes)
     result = segment(
         source,
         prompts,
@@ -69,7 +88,19 @@ def run(args: argparse.Namespace) -> int:
         open_vocabulary=args.open_vocabulary,
         channel=args.channel,
     )
-    files = result.save(args.output, multilabel=args.multilabel, probabilities=args.probabilities)
+    files = result.save(args.output, multilabel=args.multilabel, probabilities=args.probabilities,
+                        output_type=args.output_type, dicom_generic_codes=args.dicom_generic_codes)
+    out_dir = Path(args.output)
+    if args.statistics:
+        files.append(result.write_statistics(out_dir / "statistics.json"))
+    if args.preview:
+        files.append(result.write_preview(out_dir / "preview.png"))
+    if args.report:
+        from unisegtext.inference.report import write_report
+
+        options = {k: v for k, v in vars(args).items() if k not in ("func", "prompt")}
+        options["prompts"] = prompts
+        files.append(write_report(result, args.report, files, options=options))
     if not args.quiet:
         summary = {
             prompt: {

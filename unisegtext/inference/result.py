@@ -127,6 +127,7 @@ class SegmentationResult:
         multilabel: bool = False,
         probabilities: bool = False,
         output_type: str = "nifti",
+        dicom_generic_codes: bool = False,
     ) -> list[Path]:
         """Write the masks into `out_dir` and return the written files.
 
@@ -137,13 +138,17 @@ class SegmentationResult:
             multilabel: one `segmentation.nii.gz` + `labels.json` instead of one file per prompt.
             probabilities: also write `<name>_prob.nii.gz` float maps (needs
                 return_probabilities=True).
-            output_type: "nifti" or "dicom-seg" (needs the `dicom` extra).
+            output_type: "nifti" or "dicom-seg" (needs the `dicom` extra and a DICOM input).
+            dicom_generic_codes: for "dicom-seg", code a concept that has no DICOM code in the
+                knowledge tree with a generic one ("Tissue", or "Lesion" for lesions) instead
+                of refusing (see :func:`unisegtext.io.dicom_seg.write_dicom_seg`).
         """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".unisegtext-partial-", dir=out_dir.parent))
         try:
-            written = self._write(staging, multilabel=multilabel, probabilities=probabilities, output_type=output_type)
+            written = self._write(staging, multilabel=multilabel, probabilities=probabilities,
+                                  output_type=output_type, dicom_generic_codes=dicom_generic_codes)
             final = []
             for path in written:
                 target = out_dir / path.name
@@ -153,13 +158,14 @@ class SegmentationResult:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _write(self, folder: Path, *, multilabel: bool, probabilities: bool, output_type: str) -> list[Path]:
+    def _write(self, folder: Path, *, multilabel: bool, probabilities: bool, output_type: str,
+               dicom_generic_codes: bool = False) -> list[Path]:
         written: list[Path] = []
         names = file_names(self.prompts)
         if output_type == "dicom-seg":
             from unisegtext.io.dicom_seg import write_dicom_seg
 
-            written.append(write_dicom_seg(self, folder / "segmentation.dcm"))
+            written.append(write_dicom_seg(self, folder / "segmentation.dcm", generic_codes=dicom_generic_codes))
         elif output_type != "nifti":
             raise ValueError(f"output_type must be 'nifti' or 'dicom-seg', got {output_type!r}")
         elif multilabel:
@@ -186,6 +192,63 @@ class SegmentationResult:
         }
         written.append(_write_json(folder / "prompts.json", summary))
         return written
+
+    # ------------------------------------------------------------------ statistics, previews
+    def statistics(self, prompts: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Per prompt: volume (mL), voxel count, centroid and bounding box (voxel and RAS mm),
+        intensity mean/std, 26-connected components, and ``present: False`` when empty.
+
+        See :func:`unisegtext.inference.statistics.mask_statistics` for every field.
+        """
+        from unisegtext.inference.statistics import result_statistics
+
+        return result_statistics(self, prompts)
+
+    def write_statistics(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`statistics` as JSON (e.g. ``statistics.json``)."""
+        from unisegtext.inference.statistics import write_statistics
+
+        return write_statistics(self, path)
+
+    def colors(self) -> dict[str, tuple[int, int, int]]:
+        """Display colour (r, g, b), 0-255, per prompt: the concept's colour from the
+        knowledge tree, or a distinct fallback colour for prompts without a concept."""
+        import colorsys
+
+        tree = None
+        colors: dict[str, tuple[int, int, int]] = {}
+        for n, prompt in enumerate(self.prompts):
+            concept_id = self.resolutions[prompt].concept_id if prompt in self.resolutions else None
+            if concept_id is not None:
+                if tree is None:
+                    from unisegtext.knowledge import load_tree
+
+                    tree = load_tree()
+                if concept_id in tree:
+                    colors[prompt] = tuple(int(c) for c in tree.get(concept_id).color)  # type: ignore[assignment]
+                    continue
+            hue = (0.13 + 0.618034 * n) % 1.0  # golden-ratio steps keep neighbours apart
+            r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.95)
+            colors[prompt] = (round(r * 255), round(g * 255), round(b * 255))
+        return colors
+
+    def write_preview(self, path: str | os.PathLike, **kwargs: Any) -> Path:
+        """Write a PNG with axial, coronal and sagittal overlays and a colour legend.
+
+        See :func:`unisegtext.io.preview.write_preview` for the options.
+        """
+        from unisegtext.io.preview import write_preview
+
+        return write_preview(self, path, **kwargs)
+
+    def to_dicom_seg(self, path: str | os.PathLike, *, generic_codes: bool = False) -> Path:
+        """Write a DICOM SEG that references the source DICOM series (DICOM input only).
+
+        See :func:`unisegtext.io.dicom_seg.write_dicom_seg`.
+        """
+        from unisegtext.io.dicom_seg import write_dicom_seg
+
+        return write_dicom_seg(self, path, generic_codes=generic_codes)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able summary (no arrays)."""
