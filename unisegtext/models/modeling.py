@@ -134,6 +134,7 @@ class UniSegText(nn.Module):
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder should be readable
         try:
             self.config.to_json(tmp / CONFIG_NAME)
             state = {k: v.detach().cpu().contiguous() for k, v in self._stored_state_dict().items()}
