@@ -18,12 +18,15 @@ from pathlib import Path
 import torch
 
 
-def concept_prompts(n: int) -> list[str]:
-    """n distinct concept names from the knowledge tree (so every prompt resolves)."""
+def concept_prompts(n: int, trained: list[str] | None = None) -> list[str]:
+    """n distinct concept names: the model's trained concepts first (so every prompt is a
+    direct query), then other concepts of the knowledge tree (for untrained models)."""
     from unisegtext.knowledge import load_tree
 
     tree = load_tree()
-    preferred = ["liver", "spleen", "kidney_left", "kidney_right", "pancreas", "aorta", "stomach", "gallbladder"]
+    preferred = list(trained or []) or ["liver", "spleen", "kidney_left", "kidney_right", "pancreas", "aorta"]
+    if trained and n > len(trained):
+        raise SystemExit(f"the model knows {len(trained)} concepts; ask for at most that many prompts")
     ids = preferred + sorted(c for c in tree.concepts if c not in preferred)
     return [tree.get(i).name for i in ids[:n]]
 
@@ -47,11 +50,11 @@ def main() -> None:
     model = UniSegText.from_pretrained(args.model) if args.model else UniSegText.from_preset(args.preset)
     model = model.eval().to(args.device)
     volume = args.volume or str(example_path("ct"))
-    segment(volume, concept_prompts(1), model=model, device=args.device, progress=False)  # warm-up
+    segment(volume, concept_prompts(1, model.config.concepts), model=model, device=args.device, progress=False)  # warm-up
 
     rows = []
     for n in args.prompts:
-        prompts = concept_prompts(n)
+        prompts = concept_prompts(n, model.config.concepts)
         times = []
         for _ in range(args.repeats):
             model.clear_text_cache()
