@@ -264,3 +264,51 @@ def test_la_validation_script_scores_held_out_scans(tmp_path, tiny_model_dir, sh
     report = json.loads(out.read_text())
     assert report["per_case"][0]["case"] == ids[0]
     assert 0.0 <= report["summary"]["dice_mean"] <= 1.0
+
+
+def test_trainer_reads_a_prepared_totalsegmentator_layout(tmp_path, shared_data):
+    """Registry path end to end: the shared example in TotalSegmentator's own layout ->
+    `unisegtext data prepare` -> the trainer trains on that cache (issue: data registry)."""
+    import json
+
+    import nibabel as nib
+
+    from unisegtext.cli import main as cli_main
+    from unisegtext.data import load_cache_index
+    from unisegtext.training.trainer import train
+
+    examples = shared_data / "totalseg_examples"
+    classes = json.loads((examples / "classes.json").read_text())["total"]
+    seg_img = nib.load(str(examples / "ct_seg.nii.gz"))
+    seg = np.asarray(seg_img.dataobj).astype(np.uint8)
+    case_dir = tmp_path / "ts" / "s0001"
+    (case_dir / "segmentations").mkdir(parents=True)
+    nib.save(nib.load(str(examples / "ct.nii.gz")), str(case_dir / "ct.nii.gz"))
+    for value, name in classes.items():
+        nib.save(nib.Nifti1Image((seg == int(value)).astype(np.uint8), seg_img.affine),
+                 str(case_dir / "segmentations" / f"{name}.nii.gz"))
+    cache = tmp_path / "cache"
+    assert cli_main(["data", "prepare", str(tmp_path / "ts"), "--dataset", "totalsegmentator_v2_ct",
+                     "--out", str(cache), "--spacing", "6", "6", "6", "--no-progress"]) == 0
+    (entry,) = load_cache_index(cache)["cases"]
+    assert entry["dataset"] == "totalsegmentator_v2_ct" and len(entry["annotated"]) == 117
+
+    config = TrainConfig.from_dict(
+        {
+            "name": "registry-path",
+            "seed": 1,
+            "threads": 1,
+            "model": {"preset": "tiny"},
+            "data": {"cache_dir": str(cache),
+                     "sources": [{"dataset": "totalsegmentator_v2_ct", "root": str(tmp_path / "ts"), "weight": 1.0}]},
+            "sampling": {"batch_size": 1, "prompts_per_sample": 2},
+            "synthetic": {"prob": 0.0},
+            "optim": {"lr": 0.001, "warmup_steps": 1, "max_steps": 2},
+            "checkpoint": {"every_steps": 2, "keep_last": 1},
+            "logging": {"every_steps": 1, "tensorboard": False, "progress": False},
+        }
+    )
+    result = train(config, tmp_path / "run", device="cpu")
+    assert result.steps == 2 and np.isfinite(result.last_loss)
+    trained = json.loads((result.final_dir / "config.json").read_text())["concepts"]
+    assert {"liver", "kidney_left", "vertebra_l1"} <= set(trained)  # the 117 annotated concepts
