@@ -54,6 +54,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from unisegtext.jsonsafe import json_safe as _json_safe
+
 logger = logging.getLogger("inference_bench")
 
 # NVIDIA H100 SXM5, dense BF16 Tensor Core: the datasheet gives 1,979 TFLOPS "with sparsity",
@@ -432,14 +434,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 # ------------------------------------------------------------------------------------------ main

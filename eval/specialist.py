@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from unisegtext.jsonsafe import json_safe as _json_safe
+
 logger = logging.getLogger("specialist")
 
 
@@ -84,15 +86,6 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN / inf -> None (strict JSON), recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def markdown_table(rows: list[dict[str, Any]], classes: Sequence[str], n_cases: int) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 
 from unisegtext.evaluation.calibration import CalibrationStats, plot_reliability_diagram
 from unisegtext.evaluation.metrics import METRIC_FIELDS, STATUSES, CaseClassMetrics
+from unisegtext.jsonsafe import json_safe as _json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -320,19 +321,6 @@ def _csv_cell(value: Any) -> Any:
     return value
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def _fmt(value: float, digits: int = 3) -> str:

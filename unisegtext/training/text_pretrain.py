@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unisegtext.errors import ConfigError, ModelLoadError, did_you_mean
+from unisegtext.jsonsafe import json_safe as _json_safe
 
 if TYPE_CHECKING:  # torch and numpy are imported inside the functions that need them
     import numpy as np
@@ -320,15 +321,6 @@ def save_text_adapter(adapter: nn.Module, folder: str | os.PathLike, meta: dict[
     return out
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN/inf become None (strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 # --------------------------------------------------------------------------- base embeddings
