@@ -84,6 +84,29 @@ def test_nano_config_keeps_validation_out_and_no_lr_flip():
     assert config.checkpoint.export_dir.endswith("unisegtext-nano")
 
 
+def test_ablation_configs_change_only_what_they_ablate():
+    """7a/7b fairness: a run and its control differ only in the ablated ingredient."""
+    import dataclasses
+
+    nano = TrainConfig.from_yaml(TRAIN_DIR / "nano.yaml")
+    la = TrainConfig.from_yaml(TRAIN_DIR / "ablations" / "la_only.yaml")
+    assert (la.model, la.sampling, la.augment, la.seed) == (nano.model, nano.sampling, nano.augment, nano.seed)
+    assert [(s.dataset, s.splits) for s in la.data.sources] == [("la_mri_2018", ["train"])]
+    assert la.synthetic.prob == 0 and la.checkpoint.export_dir == ""  # never overwrites the shipped model
+    assert (la.optim.max_steps, la.optim.horizon, la.optim.lr) == (2606, "steps", nano.optim.lr)
+    folder = TRAIN_DIR / "ablations" / "synthetic"
+    for with_name, trained_on in (("mr_to_ct", "totalseg_example_mr"), ("ct_to_mr", "totalseg_example_ct")):
+        with_ = dataclasses.asdict(TrainConfig.from_yaml(folder / f"{with_name}.yaml"))
+        without = dataclasses.asdict(TrainConfig.from_yaml(folder / f"{with_name}_no_synthetic.yaml"))
+        assert [s["dataset"] for s in with_["data"]["sources"]] == [trained_on]
+        assert with_["synthetic"]["prob"] > 0 and with_["synthetic"]["label_maps"] == [trained_on]
+        assert without["synthetic"]["prob"] == 0
+        for config in (with_, without):
+            config["name"] = None
+            config["synthetic"]["prob"], config["synthetic"]["label_maps"] = None, None
+        assert with_ == without
+
+
 def test_config_base_inheritance(tmp_path):
     (tmp_path / "base.yaml").write_text("name: a\ndata: {sources: [{dataset: x}], cache_dir: c}\noptim: {lr: 0.5, max_steps: 7}\n")
     (tmp_path / "child.yaml").write_text("base: base.yaml\nname: b\noptim: {lr: 0.1}\n")
@@ -312,3 +335,29 @@ def test_trainer_reads_a_prepared_totalsegmentator_layout(tmp_path, shared_data)
     assert result.steps == 2 and np.isfinite(result.last_loss)
     trained = json.loads((result.final_dir / "config.json").read_text())["concepts"]
     assert {"liver", "kidney_left", "vertebra_l1"} <= set(trained)  # the 117 annotated concepts
+
+
+def test_synthetic_ablation_scores_the_other_subject(tiny_model_dir, shared_data):
+    """eval/ablation_synthetic.py: references from TotalSegmentator's labels, scored through segment()."""
+    import importlib.util
+    import json
+
+    import nibabel as nib
+
+    path = Path(__file__).resolve().parents[1] / "eval" / "ablation_synthetic.py"
+    spec = importlib.util.spec_from_file_location("ablation_synthetic", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    root = shared_data / "totalseg_examples"
+    volume, references, spacing = module.subject_references(root, "mr")
+    classes = json.loads((root / "classes.json").read_text())["total_mr"]
+    liver_value = int(next(k for k, v in classes.items() if v == "liver"))
+    label = np.asarray(nib.load(str(root / "mr_seg.nii.gz")).dataobj)
+    assert np.array_equal(references["liver"], label == liver_value)
+    assert volume.array.shape == label.shape and spacing == pytest.approx((3.0, 3.0, 3.0))
+    ct_concepts = set(module.subject_references(root, "ct")[1])
+    assert {"liver", "spleen", "kidney_left", "kidney_right"} <= ct_concepts & set(references)
+    rows = module.score(tiny_model_dir, volume, references, spacing, ["liver", "spleen"])
+    assert [r["concept"] for r in rows] == ["liver", "spleen"]
+    assert all(0.0 <= r["dice"] <= 1.0 for r in rows)
+    assert rows[0]["ref_volume_ml"] == pytest.approx(references["liver"].sum() * 27 / 1000, rel=1e-3)
