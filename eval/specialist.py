@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--batch-size", type=int, default=None, help="fix the batch size (default: nnU-Net's planner)")
     spec.add_argument("--no-augment", action="store_true", help="train without augmentation")
     spec.add_argument("--mirror", action="store_true", help="test-time mirroring over 8 flips (nnU-Net default; 8x slower)")
-    spec.add_argument("--save-specialist", default=None, help="folder to save the trained specialist (plan.json + model.safetensors)")
+    spec.add_argument("--save-specialist", default=None, help="folder to save the trained specialist (plan.json + "
+                      "model.safetensors); its checkpoint/ subfolder holds a resumable checkpoint every 100 steps")
+    spec.add_argument("--resume", action="store_true", help="continue the training in --save-specialist/checkpoint")
     parser.add_argument("--checkpoint", required=True, help="UniSegText checkpoint folder or Hub id")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
@@ -151,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         load_cases_from_cache,
         load_cases_from_registry,
         predict_specialist,
+        save_specialist,
         train_specialist,
     )
     from unisegtext.io import Volume
@@ -158,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     if (args.cache is None) == (args.root is None):
         raise SystemExit("give the data as --cache DIR or as --dataset ID --root DIR (one of the two)")
+    if args.resume and not args.save_specialist:
+        raise SystemExit("--resume continues the checkpoint in --save-specialist DIR; give that folder")
     if args.root is not None and args.dataset is None:
         raise SystemExit("--root needs --dataset (the registry id of that copy, e.g. la_mri_2018)")
     budget = TrainBudget(args.max_steps, args.time_budget_s)
@@ -181,18 +186,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     specialist = train_specialist(
         train, classes, budget, device=args.device, base_features=args.base_features,
         patch_size=args.patch_size, batch_size=args.batch_size, augment=not args.no_augment, seed=args.seed,
+        checkpoint_dir=Path(args.save_specialist) / "checkpoint" if args.save_specialist else None,
+        resume=args.resume,
     )
     logger.info("specialist trained: %d steps in %.0f s", specialist.steps, specialist.train_s)
     if args.save_specialist:
-        from safetensors.torch import save_file
-
-        folder = Path(args.save_specialist)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "plan.json").write_text(json.dumps({**specialist.plan.to_dict(), "classes": specialist.classes,
-                                                      "mode": specialist.mode,
-                                                      "normaliser": vars(specialist.normaliser)}, indent=2))
-        save_file({k: v.detach().cpu().contiguous() for k, v in specialist.network.state_dict().items()},
-                  str(folder / "model.safetensors"))
+        save_specialist(specialist, args.save_specialist)
 
     universal = UniSegText.from_pretrained(args.checkpoint, device=torch.device(args.device))
     evaluate_case = _evaluate_case_fn()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from unisegtext.baselines.nnunet_plan import (
     conv_feature_map_size,
@@ -137,6 +138,56 @@ def test_train_and_predict_few_steps_gives_masks_on_the_input_grid():
     assert masks["blob"].shape == cases[0].label.shape and masks["blob"].dtype == bool
 
 
+def test_saved_specialist_loads_and_predicts_the_same(tmp_path):
+    """DynUNet aliases its blocks (skip_layers); saving must still work and round-trip."""
+    from unisegtext.baselines.specialist import (
+        TrainBudget,
+        load_specialist,
+        predict_specialist,
+        save_specialist,
+        train_specialist,
+    )
+
+    cases = [_sphere_case(f"c{i}", seed=i) for i in range(2)]
+    result = train_specialist(cases, ["blob"], TrainBudget(max_steps=2), base_features=4, seed=0)
+    loaded = load_specialist(save_specialist(result, tmp_path / "spec"))
+    assert (loaded.plan, loaded.classes, loaded.mode, loaded.normaliser) == (
+        result.plan, result.classes, result.mode, result.normaliser)
+    for name, tensor in result.network.state_dict().items():
+        assert torch.equal(tensor, loaded.network.state_dict()[name]), name
+    image = cases[0].image
+    assert np.array_equal(predict_specialist(result, image)["blob"], predict_specialist(loaded, image)["blob"])
+
+
+def test_interrupted_specialist_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from unisegtext.baselines import specialist as module
+    from unisegtext.baselines.specialist import TrainBudget, train_specialist
+    from unisegtext.errors import ConfigError
+
+    cases = [_sphere_case(f"c{i}", seed=i) for i in range(2)]
+    kwargs = {"base_features": 4, "seed": 0, "checkpoint_every": 2}
+    straight = train_specialist(cases, ["blob"], TrainBudget(max_steps=4), **kwargs)
+    real, calls = module._sample_batch, []
+
+    def killed_at_step_3(*args):  # the process dies while drawing step 3's batch
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(module, "_sample_batch", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_specialist(cases, ["blob"], TrainBudget(max_steps=4), checkpoint_dir=tmp_path / "ck", **kwargs)
+    monkeypatch.setattr(module, "_sample_batch", real)
+    resumed = train_specialist(cases, ["blob"], TrainBudget(max_steps=4), checkpoint_dir=tmp_path / "ck", resume=True, **kwargs)
+    assert resumed.steps == 4 and len(resumed.losses) == 4
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-6, abs=1e-7)
+    for name, tensor in straight.network.state_dict().items():
+        assert torch.allclose(tensor, resumed.network.state_dict()[name], rtol=1e-5, atol=1e-6), name
+    with pytest.raises(ConfigError, match="resume needs a checkpoint"):
+        train_specialist(cases, ["blob"], TrainBudget(max_steps=4), checkpoint_dir=tmp_path / "none", resume=True, **kwargs)
+
+
 @pytest.mark.slow
 def test_specialist_learns_an_easy_structure():
     from unisegtext.baselines.specialist import TrainBudget, predict_specialist, train_specialist
@@ -178,7 +229,7 @@ def test_side_by_side_command_on_la_mri(shared_data, tiny_model_dir, tmp_path, m
     report = script["main"]([
         "--dataset", "la_mri_2018", "--root", str(shared_data / "la_mri"), "--checkpoint", str(tiny_model_dir),
         "--train-limit", "2", "--val-limit", "1", "--max-steps", "2", "--spacing", "3", "3", "3",
-        "--base-features", "4", "--out", str(out),
+        "--base-features", "4", "--out", str(out), "--save-specialist", str(tmp_path / "spec"),
     ])
     printed = capsys.readouterr().out
     assert "| nnU-Net-style specialist (DynUNet) |" in printed and "| UniSegText (" in printed
@@ -188,3 +239,6 @@ def test_side_by_side_command_on_la_mri(shared_data, tiny_model_dir, tmp_path, m
     assert data["specialist_steps"] == 2
     assert {r["model"] for r in data["per_case"]} == {"specialist", "unisegtext"}
     assert report["classes"] == ["heart_left_atrium"]
+    from unisegtext.baselines import load_specialist
+
+    assert load_specialist(tmp_path / "spec").classes == ["heart_left_atrium"]  # the saved model reads back

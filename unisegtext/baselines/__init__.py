@@ -24,6 +24,8 @@ _EXPORTS = {
     "load_cases_from_registry": "specialist",
     "train_specialist": "specialist",
     "predict_specialist": "specialist",
+    "save_specialist": "specialist",
+    "load_specialist": "specialist",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -349,6 +349,9 @@ def train_specialist(
     augment: bool = True,
     seed: int = 0,
     log_every: int = 50,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 100,
+    resume: bool = False,
 ) -> SpecialistResult:
     """Plan (unless given) and train a specialist for `classes` on `cases` within `budget`.
 
@@ -361,6 +364,10 @@ def train_specialist(
         base_features, patch_size, batch_size: planner overrides (nnU-Net: 32, searched, searched).
         augment: light augmentation on (see the module docstring).
         seed: seeds sampling, augmentation and initialisation.
+        checkpoint_dir: save the weights, optimiser, step, elapsed time and every RNG state here
+            every `checkpoint_every` steps (a CPU run can then outlive a session).
+        resume: continue from `checkpoint_dir`. With a step budget the result is the one an
+            uninterrupted run gives (same sampling, augmentation and updates).
     """
     from monai.losses import DiceCELoss
 
@@ -406,7 +413,14 @@ def train_specialist(
     network.train()
     losses: list[float] = []
     step = 0
-    start = time.perf_counter()
+    done_s = 0.0  # training seconds of earlier (resumed) parts
+    folder = Path(checkpoint_dir) if checkpoint_dir else None
+    if resume:
+        if folder is None or not (folder / _STATE_FILE).is_file():
+            raise ConfigError(f"resume needs a checkpoint in {folder}; none found (start without --resume)")
+        step, done_s, losses = _load_checkpoint(folder, plan, network, optimizer, rng, generator)
+        logger.info("resumed the specialist at step %d (%.0f s trained)", step, done_s)
+    start = time.perf_counter() - done_s
     while True:
         elapsed = time.perf_counter() - start
         progress = budget.progress(step, elapsed)
@@ -439,9 +453,91 @@ def train_specialist(
         if log_every and step % log_every == 0:
             logger.info("step %d, loss %.4f, lr %.5f, %.0f s", step, float(np.mean(losses[-log_every:])),
                         optimizer.param_groups[0]["lr"], time.perf_counter() - start)
+        if folder is not None and checkpoint_every and step % checkpoint_every == 0:
+            _save_checkpoint(folder, plan, network, optimizer, rng, generator, step, time.perf_counter() - start, losses)
     train_s = time.perf_counter() - start
     network.eval()
     return SpecialistResult(network, plan, list(classes), mode, normaliser, step, train_s, losses)
+
+
+_STATE_FILE = "trainer_state.pt"
+
+
+def _save_checkpoint(folder: Path, plan: SpecialistPlan, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     rng: np.random.Generator, generator: torch.Generator, step: int, elapsed_s: float,
+                     losses: list[float]) -> None:
+    """Weights (safetensors) + trainer state, written to temporary names and then renamed."""
+    import json
+
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(network, str(folder / "model.safetensors.tmp"))
+    state = {"step": step, "elapsed_s": elapsed_s, "losses": torch.tensor(losses, dtype=torch.float64),
+             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "generator": generator.get_state(),
+             "numpy_rng": json.dumps(rng.bit_generator.state), "plan": json.dumps(plan.to_dict())}
+    torch.save(state, folder / (_STATE_FILE + ".tmp"))
+    (folder / "model.safetensors.tmp").replace(folder / "model.safetensors")
+    (folder / (_STATE_FILE + ".tmp")).replace(folder / _STATE_FILE)
+
+
+def _load_checkpoint(folder: Path, plan: SpecialistPlan, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     rng: np.random.Generator, generator: torch.Generator) -> tuple[int, float, list[float]]:
+    import json
+
+    from safetensors.torch import load_model
+
+    state = torch.load(folder / _STATE_FILE, map_location="cpu", weights_only=True)
+    if json.loads(state["plan"]) != json.loads(json.dumps(plan.to_dict())):
+        raise ConfigError(f"the checkpoint in {folder} was trained with another plan; resume with the same "
+                          "data, classes and planner options")
+    load_model(network, str(folder / "model.safetensors"), device=str(next(network.parameters()).device))
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    generator.set_state(state["generator"])
+    rng.bit_generator.state = json.loads(state["numpy_rng"])
+    return int(state["step"]), float(state["elapsed_s"]), [float(x) for x in state["losses"]]
+
+
+def save_specialist(result: SpecialistResult, folder: str | Path) -> Path:
+    """Write a trained specialist as ``plan.json`` (plan, classes, mode, normaliser) + ``model.safetensors``.
+
+    DynUNet holds each block twice (``skip_layers`` aliases the stage lists), so the weights are
+    written with ``safetensors.torch.save_model``, which stores shared tensors once.
+    """
+    import json
+
+    from safetensors.torch import save_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {**result.plan.to_dict(), "classes": result.classes, "mode": result.mode,
+            "normaliser": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(result.normaliser).items()},
+            "steps": result.steps, "train_s": result.train_s}
+    (folder / "plan.json").write_text(json.dumps(meta, indent=2))
+    save_model(result.network, str(folder / "model.safetensors"))
+    return folder
+
+
+def load_specialist(folder: str | Path, device: str | torch.device = "cpu") -> SpecialistResult:
+    """Read a specialist written by :func:`save_specialist` (eval mode)."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import load_model
+
+    folder = Path(folder)
+    if not (folder / "plan.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise DataError(f"{folder} is not a saved specialist (needs plan.json and model.safetensors)")
+    meta = json.loads((folder / "plan.json").read_text())
+    plan = SpecialistPlan(**{f.name: meta[f.name] for f in dataclasses.fields(SpecialistPlan) if f.name in meta})
+    norm = meta["normaliser"]
+    normaliser = IntensityNormaliser(**{k: tuple(v) if isinstance(v, list) else v for k, v in norm.items()})
+    network = build_network(plan).to(torch.device(device))
+    load_model(network, str(folder / "model.safetensors"), device=str(torch.device(device)))
+    network.eval()
+    return SpecialistResult(network, plan, list(meta["classes"]), meta["mode"], normaliser,
+                            int(meta.get("steps", 0)), float(meta.get("train_s", 0.0)))
 
 
 # ------------------------------------------------------------------------------------------ predict
