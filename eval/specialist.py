@@ -20,6 +20,14 @@ where it differs).
 
 Examples:
 
+    # issue 6: the specialist beside unisegtext-nano on all 64/16 LA scans, compute-matched to
+    # nano's 72 min on 2 CPU threads (the planned DynUNet makes 4.45 s/step there -> 970 steps);
+    # checkpoints every 100 steps in runs/specialist-dynunet-la/checkpoint; add --resume to continue
+    python eval/specialist.py --dataset la_mri_2018 --root ../shared/data/la_mri \\
+        --checkpoint unisegtext/checkpoints/unisegtext-nano --max-steps 970 --batch-size 2 \\
+        --unisegtext-budget "train/nano.yaml: 2606 steps x 2 patches 64x64x48, 72 min on 2 CPU threads" \\
+        --save-specialist runs/specialist-dynunet-la --out eval/results/specialist_la_nano.json
+
     # LA-MRI (80 cases; 16 validation ids fixed in data_registry/la_mri_2018.yaml), small budget
     python eval/specialist.py --dataset la_mri_2018 --root ../shared/data/la_mri \\
         --checkpoint runs/la/checkpoint --train-limit 8 --val-limit 4 --max-steps 200 --spacing 1.5 1.5 1.5
