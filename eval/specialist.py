@@ -14,9 +14,10 @@ same batch/patch budget, or wall-clock time on the same device): the command can
 the checkpoint was trained, so it prints the budget it used and the one you state with
 --unisegtext-budget.
 
-nnunetv2 itself is not used: it is not installed in this environment (its wheel, 2.8.1, is
-on PyPI). The specialist re-derives nnU-Net's plan and schedule instead (module docstrings say
-where it differs).
+nnunetv2 itself is not used: ``pip install --dry-run nnunetv2`` resolves nnunetv2 2.8.1 with
+dynamic-network-architectures -> timm -> torchvision 0.29.2 -> torch 2.15.0 and the CUDA 13
+wheels, a newer torch than this project supports (2.11 to 2.14). The specialist re-derives
+nnU-Net's plan and schedule on MONAI's DynUNet instead (module docstrings say where it differs).
 
 Examples:
 
