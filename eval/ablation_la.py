@@ -48,7 +48,7 @@ def training_summary(run: Path) -> str:
 
         batch = (yaml.safe_load(config.read_text()) or {}).get("sampling", {}).get("batch_size")
         text += f" x batch {batch}" if batch else ""
-    minutes = last.get("minutes") or last.get("elapsed_min")
+    minutes = last.get("elapsed_min")
     return text + (f", {float(minutes):.0f} min" if minutes else "")
 
 

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         dice = [r["dice"] for r in rows]
         # the same concepts on the subject it trained on: a fit check that says whether the
         # cross-subject figure is limited by generalisation or by the short training
-        fit = score(run / "final", *[subjects[trained_on][i] for i in (0, 1, 2)], shared)
+        fit = score(run / "final", *subjects[trained_on], shared)
         results.append({"config": f"train/ablations/synthetic/{name}", "run": str(run), "trained_on": trained_on,
                         "scored_on": scored_on, "synthetic_prob": config.synthetic.prob,
                         "steps": config.optim.max_steps, "spacing_mm": list(config.model.overrides["preprocessing"]["spacing_mm"]),

@@ -512,7 +512,7 @@ def save_specialist(result: SpecialistResult, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {**result.plan.to_dict(), "classes": result.classes, "mode": result.mode,
-            "normaliser": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(result.normaliser).items()},
+            "normaliser": vars(result.normaliser),
             "steps": result.steps, "train_s": result.train_s}
     (folder / "plan.json").write_text(json.dumps(meta, indent=2))
     save_model(result.network, str(folder / "model.safetensors"))
