@@ -52,6 +52,13 @@ def training_summary(run: Path) -> str:
     return text + (f", {float(minutes):.0f} min" if minutes else "")
 
 
+def paired_vs_reference(reference: list[dict], other: list[dict]) -> dict:
+    """Per-scan comparison of two runs' Dice: scans where `other` is higher, mean difference."""
+    ref = {c["case"]: c["dice"] for c in reference}
+    diffs = [c["dice"] - ref[c["case"]] for c in other]
+    return {"cases": len(diffs), "better": sum(d > 0 for d in diffs), "mean_dice_difference": sum(diffs) / len(diffs)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", type=Path, default=sorted((REPO / "train" / "ablations").glob("*.yaml")))
@@ -82,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(model, args.data, "left atrium", cases, threads=2)
         results.append({"name": name, "model": model, "training": training, **report["summary"],
                         "per_case": report["per_case"]})
+    for r in results[1:]:
+        r["paired_vs_reference"] = paired_vs_reference(results[0]["per_case"], r["per_case"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=float) + "\n")
     print(f"Left atrium, {len(cases)} validation scans of la_mri_2018 (original 0.625 mm grid), "
@@ -92,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['name']} | {r['training']} | {r['dice_mean'] * 100:.2f} +- {r['dice_std'] * 100:.2f} | "
               f"{r['dice_median'] * 100:.2f} | {r['dice_min'] * 100:.2f} | {r['nsd_2mm_mean'] * 100:.2f} | "
               f"{r['hd95_mm_median']:.2f} |")
+    for r in results[1:]:
+        paired = r["paired_vs_reference"]
+        print(f"\n{r['name']} vs {results[0]['name']}: higher Dice on {paired['better']} of {paired['cases']} scans, "
+              f"mean paired difference {paired['mean_dice_difference'] * 100:+.2f} Dice points")
     print(f"\nwrote {args.out}")
     return 0
 

@@ -361,3 +361,17 @@ def test_synthetic_ablation_scores_the_other_subject(tiny_model_dir, shared_data
     assert [r["concept"] for r in rows] == ["liver", "spleen"]
     assert all(0.0 <= r["dice"] <= 1.0 for r in rows)
     assert rows[0]["ref_volume_ml"] == pytest.approx(references["liver"].sum() * 27 / 1000, rel=1e-3)
+
+
+def test_ablation_la_pairs_scans_by_case():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "eval" / "ablation_la.py"
+    spec = importlib.util.spec_from_file_location("ablation_la", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    reference = [{"case": "a", "dice": 0.80}, {"case": "b", "dice": 0.90}, {"case": "c", "dice": 0.70}]
+    other = [{"case": "c", "dice": 0.75}, {"case": "a", "dice": 0.85}, {"case": "b", "dice": 0.87}]  # other order
+    paired = module.paired_vs_reference(reference, other)
+    assert (paired["cases"], paired["better"]) == (3, 2)
+    assert paired["mean_dice_difference"] == pytest.approx((0.05 + 0.05 - 0.03) / 3)
