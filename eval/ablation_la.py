@@ -30,6 +30,8 @@ sys.path.insert(0, str(REPO / "eval"))
 
 from la_validation import DEFAULT_DATA, DEFAULT_MODEL, evaluate, validation_ids  # noqa: E402
 
+from unisegtext.evaluation import paired_vs_reference  # noqa: E402
+
 
 def training_summary(run: Path) -> str:
     """'N steps x batch B, M min' from a run's metrics.csv and config (empty if unknown)."""
@@ -50,13 +52,6 @@ def training_summary(run: Path) -> str:
         text += f" x batch {batch}" if batch else ""
     minutes = last.get("elapsed_min")
     return text + (f", {float(minutes):.0f} min" if minutes else "")
-
-
-def paired_vs_reference(reference: list[dict], other: list[dict]) -> dict:
-    """Per-scan comparison of two runs' Dice: scans where `other` is higher, mean difference."""
-    ref = {c["case"]: c["dice"] for c in reference}
-    diffs = [c["dice"] - ref[c["case"]] for c in other]
-    return {"cases": len(diffs), "better": sum(d > 0 for d in diffs), "mean_dice_difference": sum(diffs) / len(diffs)}
 
 
 def main(argv: list[str] | None = None) -> int:

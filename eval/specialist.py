@@ -91,10 +91,26 @@ def select_cases(cases, train_ids, val_ids, train_limit, val_limit):
 
 
 def _mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if v is not None and not math.isnan(v)]
+    finite = [v for v in values if not _missing(v)]
     return float(np.mean(finite)) if finite else math.nan
 
 
+def paired_by_class(per_case: list[dict[str, Any]], classes: Sequence[str]) -> dict[str, dict]:
+    """Per class, the specialist against UniSegText on the cases both were scored on (Dice not NaN)."""
+    from unisegtext.evaluation import paired_vs_reference
+
+    paired = {}
+    for c in classes:
+        scored = {m: {r["case"]: r for r in per_case if r["model"] == m and r["class"] == c and not _missing(r["dice"])}
+                  for m in ("unisegtext", "specialist")}
+        common = sorted(scored["unisegtext"].keys() & scored["specialist"].keys())
+        if common:
+            paired[c] = paired_vs_reference([scored["unisegtext"][k] for k in common], [scored["specialist"][k] for k in common])
+    return paired
+
+
+def _missing(value: float | None) -> bool:
+    return value is None or math.isnan(value)
 
 
 def markdown_table(rows: list[dict[str, Any]], classes: Sequence[str], n_cases: int) -> str:
@@ -243,12 +259,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print()
     print(table)
     print(footer)
+    paired = paired_by_class(per_case, classes)
+    for c, p in paired.items():
+        print(f"specialist vs UniSegText, {c}: specialist higher on {p['better']} of {p['cases']} case(s), "
+              f"mean paired difference {100 * p['mean_dice_difference']:+.2f} Dice points")
     report = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
               "datasets": datasets, "classes": list(classes), "train_cases": [c.case for c in train],
               "held_out_cases": [c.case for c in held], "specialist_plan": plan.to_dict(),
               "specialist_steps": specialist.steps, "specialist_train_s": specialist.train_s,
               "specialist_final_loss": float(np.mean(specialist.losses[-10:])) if specialist.losses else None,
-              "rows": rows, "per_case": per_case, "table_markdown": table, "footer": footer}
+              "rows": rows, "per_case": per_case, "paired": paired, "table_markdown": table, "footer": footer}
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

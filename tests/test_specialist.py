@@ -210,6 +210,25 @@ def test_case_selection_uses_the_split_and_limits():
         script["select_cases"](cases[:2], None, None, None, None)
 
 
+def test_paired_comparison_skips_cases_not_scored_by_both():
+    script = runpy.run_path(str(ROOT / "eval" / "specialist.py"), run_name="specialist_cli")
+    nan = float("nan")
+    per_case = [
+        {"model": "specialist", "case": "a", "class": "liver", "dice": 0.9},
+        {"model": "unisegtext", "case": "a", "class": "liver", "dice": 0.8},
+        {"model": "specialist", "case": "b", "class": "liver", "dice": 0.6},
+        {"model": "unisegtext", "case": "b", "class": "liver", "dice": 0.7},
+        {"model": "specialist", "case": "c", "class": "liver", "dice": nan},  # absent in both: not paired
+        {"model": "unisegtext", "case": "c", "class": "liver", "dice": 0.5},
+        {"model": "specialist", "case": "a", "class": "spleen", "dice": nan},
+        {"model": "unisegtext", "case": "a", "class": "spleen", "dice": nan},
+    ]
+    paired = script["paired_by_class"](per_case, ["liver", "spleen"])
+    assert list(paired) == ["liver"]
+    assert (paired["liver"]["cases"], paired["liver"]["better"]) == (2, 1)
+    assert paired["liver"]["mean_dice_difference"] == pytest.approx(0.0)
+
+
 def test_markdown_table_has_one_row_per_model_and_a_mean():
     script = runpy.run_path(str(ROOT / "eval" / "specialist.py"), run_name="specialist_cli")
     rows = [{"model": "spec", "training": "10 steps", "parameters": 2_000_000, "dice": {"a": 0.8, "b": 0.6}},

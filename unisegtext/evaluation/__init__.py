@@ -31,7 +31,7 @@ from unisegtext.evaluation.metrics import (
     volume_errors,
     volume_ml,
 )
-from unisegtext.evaluation.report import EvaluationReport
+from unisegtext.evaluation.report import EvaluationReport, paired_vs_reference
 
 __all__ = [
     "CalibrationStats",
@@ -47,6 +47,7 @@ __all__ = [
     "hd95",
     "normalise_name",
     "nsd",
+    "paired_vs_reference",
     "pair_cases",
     "plot_reliability_diagram",
     "read_label_map",

@@ -292,6 +292,14 @@ CSV_COLUMNS = [
 ]
 
 
+def paired_vs_reference(reference: list[dict], other: list[dict]) -> dict:
+    """Per-case comparison of two runs' Dice (lists of {"case", "dice"}, paired by case): cases
+    where `other` is higher, and the mean paired difference."""
+    ref = {c["case"]: c["dice"] for c in reference}
+    diffs = [c["dice"] - ref[c["case"]] for c in other]
+    return {"cases": len(diffs), "better": sum(d > 0 for d in diffs), "mean_dice_difference": sum(diffs) / len(diffs)}
+
+
 def write_csv(rows: Sequence[CaseClassMetrics], path: str | os.PathLike) -> Path:
     """One line per case and class; NaN is written as an empty cell, inf as "inf"."""
     path = Path(path)
