@@ -88,7 +88,7 @@ def test_ablation_configs_change_only_what_they_ablate():
     """7a/7b fairness: a run and its control differ only in the ablated ingredient."""
     import dataclasses
 
-    nano = TrainConfig.from_yaml(TRAIN_DIR / "nano.yaml")
+    nano = TrainConfig.from_yaml(TRAIN_DIR / "history" / "nano_v1_la.yaml")  # the recipe they ablate
     la = TrainConfig.from_yaml(TRAIN_DIR / "ablations" / "la_only.yaml")
     assert (la.model, la.sampling, la.augment, la.seed) == (nano.model, nano.sampling, nano.augment, nano.seed)
     assert [(s.dataset, s.splits) for s in la.data.sources] == [("la_mri_2018", ["train"])]

@@ -10,7 +10,13 @@ from unisegtext.models.config import (
     UniSegTextConfig,
     config_from_preset,
 )
-from unisegtext.models.modeling import DEFAULT_MODEL, UniSegText, builtin_checkpoints, describe, resolve_checkpoint
+from unisegtext.models.modeling import (
+    DEFAULT_MODEL,
+    UniSegText,
+    builtin_checkpoints,
+    describe,
+    resolve_checkpoint,
+)
 from unisegtext.models.registry import register_backbone, register_head
 
 __all__ = [

@@ -115,13 +115,23 @@ class PreprocessingConfig:
 
 @dataclass
 class InferenceConfig:
-    """Defaults for sliding-window inference (callers may override each)."""
+    """Defaults for sliding-window inference (callers may override each).
+
+    Attributes:
+        bf16_cpu: bf16 autocast on CPUs with native bf16 (AVX512-BF16 / AMX); the model was
+            trained that way when its training config said ``optim.bf16_cpu``.
+        keep_largest_component: keep only the largest connected component of the mask of a
+            concept that the knowledge tree marks ``single_component`` (liver, spleen, one
+            kidney ...), as nnU-Net's and TotalSegmentator's post-processing does.
+    """
 
     overlap: float = 0.25
     sw_batch_size: int = 1
     blend_mode: str = "gaussian"
     max_prompts_per_pass: int = 32
     threshold: float = 0.5
+    bf16_cpu: bool = False
+    keep_largest_component: bool = False
 
 
 @dataclass

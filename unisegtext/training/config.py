@@ -30,12 +30,21 @@ class ModelSection:
     Attributes:
         preset: size preset of :func:`unisegtext.models.config_from_preset`.
         overrides: per-section overrides of the preset (``preprocessing``, ``backbone`` ...).
-        init_from: optional checkpoint folder to start from (fine-tuning).
+        init_from: optional checkpoint folder to start from (fine-tuning, or the next stage
+            of a run trained over several sessions).
+        text_adapter: knowledge-pre-trained text adapter to start from: ``"default"`` (the one
+            shipped in ``unisegtext/checkpoints/text_adapter``), a folder, or ``""`` (none:
+            the adapter starts as the identity). Ignored with ``init_from``.
+        freeze_text_adapter: keep the text adapter fixed (only the projection to the decoder
+            width, the backbone and the head learn), so that segmentation training on a few
+            dozen concept names cannot undo what knowledge pre-training learned over the tree.
     """
 
     preset: str = "nano"
     overrides: dict[str, Any] = field(default_factory=dict)
     init_from: str = ""
+    text_adapter: str = ""
+    freeze_text_adapter: bool = False
 
 
 @dataclass
@@ -82,8 +91,13 @@ class SamplingSection:
     Attributes:
         batch_size: patches per step and process.
         prompts_per_sample: at most this many prompts per patch (positives first).
-        negatives_per_sample: annotated-but-absent concepts added as negatives per patch.
-        foreground_prob: probability that a real patch is centred on a voxel of the drawn concept.
+        negatives_per_sample: annotated-but-absent concepts added as negatives per patch (at least).
+        absent_fraction: target share of absent (annotated, no voxel in the patch) prompts among
+            a patch's prompts, as inference asks for structures that most windows do not hold
+            (0 = only ``negatives_per_sample``).
+        foreground_prob: probability that a real patch is centred on a voxel of the drawn
+            concept; otherwise the centre is a uniformly random voxel of the scan (air included),
+            as the sliding window sees it (nnU-Net: one third foreground-centred).
         synonym_prob: probability that a prompt uses a knowledge-tree synonym instead of the name.
         crop_margin: extra context cropped around the patch before spatial augmentation
             (fraction of the patch size; avoids padding in rotated corners).
@@ -92,6 +106,7 @@ class SamplingSection:
     batch_size: int = 2
     prompts_per_sample: int = 4
     negatives_per_sample: int = 1
+    absent_fraction: float = 0.0
     foreground_prob: float = 0.67
     synonym_prob: float = 0.3
     crop_margin: float = 0.25
@@ -168,7 +183,14 @@ class OptimSection:
             ``max(step / max_steps, minutes / max_minutes)``, so a time-budgeted run still
             anneals (the learning rate then depends on machine speed).
         dice_weight: weight of the Dice term beside BCE.
-        bf16: bf16 autocast on CUDA (ignored on CPU).
+        bf16: bf16 autocast on CUDA.
+        bf16_cpu: bf16 autocast on the CPU too (only where the CPU has native bf16: AVX512-BF16
+            or AMX; about 2x faster there, very slow elsewhere, so it is checked at start).
+        channels_last: channels-last 3D memory layout for the backbone (faster on CPU oneDNN).
+        query_weight: weight of the query-separation term: summed over every pair of distinct
+            trained concepts (not one the union or part of the other), the squared excess of the
+            cosine of their decoder queries over ``query_margin``; keeps concepts' queries apart.
+        query_margin: cosine above which two distinct concepts' queries are penalised.
     """
 
     lr: float = 1e-3
@@ -182,6 +204,10 @@ class OptimSection:
     horizon: str = "steps"
     dice_weight: float = 1.0
     bf16: bool = True
+    bf16_cpu: bool = False
+    channels_last: bool = False
+    query_weight: float = 0.0
+    query_margin: float = 0.7
 
 
 @dataclass
@@ -201,10 +227,50 @@ class CheckpointSection:
 
 
 @dataclass
+class ValidationSourceSection:
+    """Held-out scans scored with the whole-volume sliding window at every checkpoint.
+
+    Attributes:
+        dataset: registry id (its cases must be in the training cache's index: list the
+            dataset in ``data.sources`` too, or give ``root``).
+        root: the dataset's local copy (to cache it when it is not a training source).
+        split: the split scored (never a training split).
+        limit: at most this many cases (sorted ids; 0 = all).
+    """
+
+    dataset: str = ""
+    root: str = ""
+    split: str = "validation"
+    limit: int = 0
+
+
+@dataclass
+class ValidationSection:
+    """Whole-volume validation during training (monitoring only: nothing is selected on it).
+
+    Attributes:
+        sources: held-out sets.
+        every_steps: run every N steps (0 = at every checkpoint).
+        overlap: sliding-window overlap.
+    """
+
+    sources: list[ValidationSourceSection] = field(default_factory=list)
+    every_steps: int = 0
+    overlap: float = 0.25
+
+
+@dataclass
 class LoggingSection:
-    """Metrics: CSV always, TensorBoard when installed; a progress bar on rank 0."""
+    """Metrics: CSV always, TensorBoard when installed; a progress bar on rank 0.
+
+    Attributes:
+        every_steps: a row of ``metrics.csv`` every N steps.
+        detail_every_steps: a line of ``metrics_detail.jsonl`` (per source and per concept:
+            BCE, Dice of present prompts, false-positive rate of absent prompts) every N steps.
+    """
 
     every_steps: int = 10
+    detail_every_steps: int = 100
     tensorboard: bool = True
     progress: bool = True
 
@@ -224,6 +290,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on values that cannot work."""
@@ -253,6 +320,17 @@ class TrainConfig:
             problems.append("optim.horizon 'time' needs optim.max_minutes > 0")
         if self.optim.max_steps < 1:
             problems.append("optim.max_steps must be >= 1")
+        if not 0 <= self.sampling.absent_fraction < 1:
+            problems.append(f"sampling.absent_fraction must be within [0, 1), got {self.sampling.absent_fraction}")
+        if not 0 <= self.sampling.foreground_prob <= 1:
+            problems.append(f"sampling.foreground_prob must be within [0, 1], got {self.sampling.foreground_prob}")
+        for i, val in enumerate(self.validation.sources):
+            if not val.dataset:
+                problems.append(f"validation.sources[{i}].dataset is empty")
+            if val.split == "train":
+                problems.append(f"validation.sources[{i}].split is 'train': validate on held-out scans")
+        if not 0 <= self.validation.overlap < 1:
+            problems.append(f"validation.overlap must be within [0, 1), got {self.validation.overlap}")
         if any(a not in (0, 1, 2) for a in self.augment.flip_axes):
             problems.append(f"augment.flip_axes must be array axes 0, 1, 2, got {self.augment.flip_axes}")
         if problems:
@@ -324,6 +402,7 @@ _NESTED: dict[str, type] = {
     "optim": OptimSection,
     "checkpoint": CheckpointSection,
     "logging": LoggingSection,
+    "validation": ValidationSection,
 }
 
 
@@ -342,6 +421,10 @@ def _build(cls: type, value: Any, where: str) -> Any:
             if not isinstance(item, list):
                 raise ConfigError(f"data.sources must be a list of mappings, got {type(item).__name__}")
             kwargs[key] = [_build(SourceSection, s, f"data.sources[{i}]") for i, s in enumerate(item)]
+        elif cls is ValidationSection and key == "sources":
+            if not isinstance(item, list):
+                raise ConfigError(f"validation.sources must be a list of mappings, got {type(item).__name__}")
+            kwargs[key] = [_build(ValidationSourceSection, s, f"validation.sources[{i}]") for i, s in enumerate(item)]
         else:
             default = getattr(defaults, key)
             if isinstance(default, tuple) and isinstance(item, list):

@@ -252,9 +252,16 @@ class PatchDataset(torch.utils.data.Dataset):
         order = rng.permutation(len(present))
         present = [present[i] for i in order]
         present.sort(key=lambda cv: cv[0] != drawn)  # the drawn concept first (stable)
+        cap = sampling.prompts_per_sample
         reserved = min(len(absent), sampling.negatives_per_sample)
-        n_pos = min(len(present), max(0, sampling.prompts_per_sample - reserved))
-        n_neg = min(len(absent), sampling.prompts_per_sample - n_pos)
+        n_pos = min(len(present), max(0, cap - reserved))
+        if sampling.absent_fraction > 0:
+            # about `absent_fraction` of the prompts absent (at least two when nothing is present)
+            ratio = sampling.absent_fraction / (1.0 - sampling.absent_fraction)
+            wanted = max(sampling.negatives_per_sample, int(np.ceil(n_pos * ratio)), 0 if n_pos else 2)
+            n_neg = min(len(absent), cap - n_pos, wanted)
+        else:
+            n_neg = min(len(absent), cap - n_pos)
         chosen = present[:n_pos]
         if n_neg:
             picks = rng.choice(len(absent), size=n_neg, replace=False)

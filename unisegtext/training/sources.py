@@ -205,11 +205,16 @@ class SourceCases:
         return sorted(self.concept_cases)
 
 
-def load_sources(index: dict[str, Any], sources: Sequence[Any], preprocessing: PreprocessingConfig) -> dict[str, SourceCases]:
-    """Load the training cases of every source from the cache into memory (normalised).
+def load_sources(index: dict[str, Any], sources: Sequence[Any], preprocessing: PreprocessingConfig,
+                 *, require_present: bool = True) -> dict[str, SourceCases]:
+    """Load the cases of every source (its ``splits``) from the cache into memory (normalised).
+
+    Args:
+        require_present: raise when no annotated structure has a voxel (training needs one;
+            held-out validation cases are loaded with False).
 
     Raises:
-        DataError: a source has no case in its training splits.
+        DataError: a source has no case in its splits.
     """
     from unisegtext.data import load_cached_case
     from unisegtext.inference.preprocessing import normalise
@@ -247,7 +252,7 @@ def load_sources(index: dict[str, Any], sources: Sequence[Any], preprocessing: P
         for i, case in enumerate(cases):
             for concept in case.present:
                 concept_cases.setdefault(concept, []).append(i)
-        if not concept_cases:
+        if not concept_cases and require_present:
             raise DataError(f"source {src.dataset}: no annotated structure has any voxel in its training cases")
         out[src.dataset] = SourceCases(src.dataset, float(src.weight), cases, concept_cases)
         logger.info("source %s: %d cases, %d concepts", src.dataset, len(cases), len(concept_cases))

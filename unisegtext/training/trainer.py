@@ -40,8 +40,9 @@ import torch
 from torch import nn
 
 from unisegtext.errors import ConfigError, UniSegError
-from unisegtext.training.config import TrainConfig
-from unisegtext.training.losses import partial_label_loss
+from unisegtext.training.config import SourceSection, TrainConfig
+from unisegtext.training.losses import distinct_pairs, partial_label_loss, query_separation_loss
+from unisegtext.training.monitor import PairStats, summarise_validation, validate
 from unisegtext.training.sampling import (
     Batch,
     PatchDataset,
@@ -57,7 +58,7 @@ STATE_NAME = "trainer_state.pt"
 LATEST_NAME = "latest.json"
 METRIC_FIELDS = [
     "step", "lr", "loss", "bce", "dice_loss", "prompts", "positives", "patches_per_s",
-    "grad_norm", "synthetic_fraction", "elapsed_min",
+    "grad_norm", "synthetic_fraction", "query_cos_max", "elapsed_min",
 ]
 
 
@@ -159,13 +160,23 @@ class PromptedSegmentation(nn.Module):
             pooled = pooled + encoder.adapter(pooled)
         return pooled
 
-    def forward(self, image: torch.Tensor, texts: list[list[str]]) -> torch.Tensor:
-        """image (B, C, X, Y, Z), texts B x P strings -> logits (B, P, X, Y, Z)."""
+    def forward(self, image: torch.Tensor, texts: list[list[str]], query_texts: list[str] | None = None):
+        """image (B, C, X, Y, Z), texts B x P strings -> logits (B, P, X, Y, Z).
+
+        With `query_texts` (C strings) it also returns their decoder queries (C, D), computed
+        in the same forward so that DDP sees one graph: ``(logits, queries)``.
+        """
         unique = list(dict.fromkeys(t for row in texts for t in row))
+        if query_texts:
+            unique = list(dict.fromkeys([*unique, *query_texts]))
         position = {t: i for i, t in enumerate(unique)}
         embeddings = self._text_embeddings(unique)  # (U, H)
         index = torch.tensor([[position[t] for t in row] for row in texts], device=embeddings.device)
-        return self.model(image, embeddings[index])  # text (B, P, H)
+        logits = self.model(image, embeddings[index])  # text (B, P, H)
+        if not query_texts:
+            return logits
+        rows = torch.tensor([position[t] for t in query_texts], device=embeddings.device)
+        return logits, self.model.text_proj(embeddings[rows])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +296,30 @@ def build_model(config: TrainConfig, concepts: list[str]):
                 f"model.init_from {config.model.init_from} does not match preset {config.model.preset!r} "
                 f"(+ overrides): missing {missing.missing_keys[:3]}, unexpected {missing.unexpected_keys[:3]}"
             )
+    elif config.model.text_adapter:
+        from unisegtext.training.text_pretrain import load_text_adapter
+
+        path = None if config.model.text_adapter == "default" else config.model.text_adapter
+        meta = load_text_adapter(model, path)
+        logger.info("text adapter from %s (selected epoch %s)", path or "the packaged adapter", meta.get("selected_epoch"))
+    if config.model.freeze_text_adapter:
+        if model.text_encoder.adapter is None:
+            raise ConfigError("model.freeze_text_adapter is set but the model has no text adapter (text.adapter_dim 0)")
+        model.text_encoder.adapter.requires_grad_(False)
     return model
+
+
+def autocast_context(device: torch.device, optim_cfg) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (``optim.bf16``) or on a CPU with native bf16 (``optim.bf16_cpu``)."""
+    from unisegtext.inference.segment import cpu_has_native_bf16
+
+    if device.type == "cuda" and optim_cfg.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and optim_cfg.bf16_cpu:
+        if cpu_has_native_bf16():
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        logger.warning("optim.bf16_cpu: this CPU has no native bf16 (AVX512-BF16/AMX); training in float32")
+    return contextlib.nullcontext()
 
 
 def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -335,12 +369,23 @@ def train(
     from unisegtext.training.sources import build_cache, load_sources
 
     preprocessing = config_from_preset(config.model.preset, **config.model.overrides).preprocessing
+    trained = {src.dataset for src in config.data.sources}
+    extra = [SourceSection(dataset=v.dataset, root=v.root) for v in config.validation.sources
+             if v.dataset not in trained and v.root]
     if info.is_main:
-        build_cache(config.data.sources, config.data.cache_dir, preprocessing.spacing_mm, progress=config.logging.progress)
+        build_cache([*config.data.sources, *extra], config.data.cache_dir, preprocessing.spacing_mm,
+                    progress=config.logging.progress)
     _barrier(info)
     from unisegtext.data import load_cache_index
 
-    sources = load_sources(load_cache_index(config.data.cache_dir), config.data.sources, preprocessing)
+    cache_index = load_cache_index(config.data.cache_dir)
+    sources = load_sources(cache_index, config.data.sources, preprocessing)
+    validation_cases = []
+    if info.is_main:
+        for val in config.validation.sources:
+            held_out = load_sources(cache_index, [SourceSection(dataset=val.dataset, splits=[val.split], limit=val.limit)],
+                                    preprocessing, require_present=False)
+            validation_cases += held_out[val.dataset].cases
     concepts = sorted({c for s in sources.values() for c in s.concept_cases})
     if info.is_main:
         logger.info("training on %d concepts from %s", len(concepts), describe_sources(sources))
@@ -348,9 +393,14 @@ def train(
     # ---- model and optimiser (same seed on every rank: identical initial weights)
     seed_everything(config.seed)
     model = build_model(config, concepts).to(info.device)
+    if config.optim.channels_last:
+        model.backbone.to(memory_format=torch.channels_last_3d)
     model.train()
     annotated = sorted({c for s in sources.values() for case in s.cases for c in case.annotated})
-    texts = PromptTexts(annotated, model.config.text.template, config.sampling.synonym_prob)
+    texts = PromptTexts(sorted({*annotated, *(c for case in validation_cases for c in case.annotated)}),
+                        model.config.text.template, config.sampling.synonym_prob)
+    query_texts = [texts.name(c) for c in concepts] if config.optim.query_weight > 0 else None
+    query_pairs = distinct_pairs(concepts).to(info.device) if query_texts else None
     step_module: nn.Module = PromptedSegmentation(model)
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -384,10 +434,14 @@ def train(
         from tqdm import tqdm
 
         bar = tqdm(total=end_step, initial=start_step, desc=config.name, unit="step", dynamic_ncols=True, mininterval=2.0)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if info.device.type == "cuda" and optim_cfg.bf16 else contextlib.nullcontext()
-    )
+    autocast = autocast_context(info.device, optim_cfg)
+    autocast_dtype = getattr(autocast, "fast_dtype", None)
+    pair_stats = PairStats()
+    detail_path = out / "metrics_detail.jsonl"
+    validation_path = out / "validation.jsonl"
+    if info.is_main and start_step == 0:
+        for path in (detail_path, validation_path):
+            path.unlink(missing_ok=True)
 
     step, stopped_by, last_loss = start_step, "max_steps", float("nan")
     t_start = time.perf_counter()
@@ -399,9 +453,18 @@ def train(
         lr = schedule(step, elapsed_min)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        image = batch.image.contiguous(memory_format=torch.channels_last_3d) if optim_cfg.channels_last else batch.image
         with autocast:
-            logits = step_module(batch.image, batch.texts)
+            output = step_module(image, batch.texts, query_texts)
+        logits, queries = output if query_texts else (output, None)
         parts = partial_label_loss(logits, batch.targets, batch.valid, dice_weight=optim_cfg.dice_weight)
+        if queries is not None:
+            separation, max_cos = query_separation_loss(queries, query_pairs, optim_cfg.query_margin)
+            parts.loss = parts.loss + optim_cfg.query_weight * separation
+            window["query_cos_max"] = max(window["query_cos_max"], max_cos)
+        if info.is_main:
+            pair_stats.add(logits, batch.targets, batch.valid, parts.pair_bce, parts.pair_dice_loss,
+                           batch.sources, batch.concepts)
         if not torch.isfinite(parts.loss):
             raise TrainingError(
                 f"non-finite loss at step {step} (sources {batch.sources}); lower optim.lr or check the data"
@@ -444,7 +507,7 @@ def train(
                 "prompts": window["prompts"] / n, "positives": window["positives"] / n,
                 "patches_per_s": window["n"] * config.sampling.batch_size * info.world_size / max(seconds, 1e-9),
                 "grad_norm": window["grad_norm"] / n, "synthetic_fraction": window["synthetic"] / n,
-                "elapsed_min": elapsed_min,
+                "query_cos_max": window["query_cos_max"], "elapsed_min": elapsed_min,
             }
             if metrics is not None:
                 metrics.write(row)
@@ -453,8 +516,28 @@ def train(
                     step, mean_loss, mean_bce, mean_dice, lr, row["patches_per_s"], elapsed_min,
                 )
             window, t_window = _empty_window(), time.perf_counter()
-        if step % config.checkpoint.every_steps == 0 or last:
+        if info.is_main and (step % config.logging.detail_every_steps == 0 or last):
+            _append_jsonl(detail_path, {"step": step, "elapsed_min": round(elapsed_min, 2), **pair_stats.summary()})
+            pair_stats.reset()
+        checkpoint_now = step % config.checkpoint.every_steps == 0 or last
+        if checkpoint_now:
             _save_checkpoint(ckpt_root, step, model, optimizer, schedule, elapsed_min, config, info)
+        every_val = config.validation.every_steps or config.checkpoint.every_steps
+        if validation_cases and (step % every_val == 0 or last):
+            t_val = time.perf_counter()
+            rows = validate(model, validation_cases, texts, overlap=config.validation.overlap,
+                            device=info.device, autocast_dtype=autocast_dtype)
+            summary = summarise_validation(rows)
+            _append_jsonl(validation_path, {"step": step, "elapsed_min": round(elapsed_min, 2),
+                                            "seconds": round(time.perf_counter() - t_val, 1),
+                                            "summary": summary, "rows": rows})
+            for dataset, figures in summary.items():
+                logger.info("validation step %d %s: mean Dice %s, absent with a prediction %s, %s", step, dataset,
+                            figures["mean_dice"], figures["absent_with_prediction"], figures["concepts"])
+            t_start += time.perf_counter() - t_val  # validation time is not training time
+            t_window += time.perf_counter() - t_val
+        if validation_cases or info.enabled:
+            _barrier(info)
         if out_of_time:
             stopped_by = "max_minutes"
             break
@@ -480,7 +563,14 @@ def train(
 
 def _empty_window() -> dict[str, float]:
     return {"n": 0, "loss": 0.0, "bce": 0.0, "dice": 0.0, "prompts": 0.0, "positives": 0.0,
-            "grad_norm": 0.0, "synthetic": 0.0}
+            "grad_norm": 0.0, "synthetic": 0.0, "query_cos_max": 0.0}
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    from unisegtext.jsonsafe import json_safe
+
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
 
 def _barrier(info: DistInfo) -> None:

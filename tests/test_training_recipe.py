@@ -1,0 +1,176 @@
+"""Issue 17, point 1: the training recipe must look like inference and keep concepts apart.
+
+Windows drawn as the sliding window sees them (random ones, air included, and absent prompts),
+queries of distinct concepts kept apart, and per-source / per-concept / whole-volume figures in
+the training log.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from unisegtext.models import config_from_preset
+from unisegtext.training.config import TrainConfig
+from unisegtext.training.losses import distinct_pairs, query_separation_loss
+from unisegtext.training.monitor import PairStats, summarise_validation, validate
+from unisegtext.training.sampling import PatchDataset, PromptTexts
+from unisegtext.training.sources import SourceCases, TrainingCase
+
+ORGANS = ["liver", "spleen", "kidney_left", "kidney_right", "stomach", "aorta", "pancreas", "gallbladder"]
+
+
+def synthetic_case(seed: int = 0) -> TrainingCase:
+    """A 96^3 'abdomen' whose organs are small boxes in one corner; most of it is air."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros((96, 96, 96), dtype=np.uint8)
+    for value in range(1, len(ORGANS) + 1):
+        x, y, z = (rng.integers(4, 28) for _ in range(3))
+        label[x : x + 4, y : y + 4, z : z + 4] = value
+    image = np.where(label > 0, 0.5, -1.0).astype(np.float32)
+    targets = {c: [i + 1] for i, c in enumerate(ORGANS)}
+    return TrainingCase(source="toy", case=f"c{seed}", image=image, label=label, targets=targets,
+                        annotated=list(ORGANS), present=list(ORGANS), pad_value=-1.0, modality="CT")
+
+
+def recipe(**sampling) -> TrainConfig:
+    return TrainConfig.from_dict({
+        "data": {"sources": [{"dataset": "toy"}]},
+        "sampling": {"batch_size": 1, "prompts_per_sample": 16, "negatives_per_sample": 1, **sampling},
+        "augment": {"affine_prob": 0.0, "intensity_scale_prob": 0, "noise_prob": 0, "blur_prob": 0,
+                    "gamma_prob": 0, "low_res_prob": 0},
+    })
+
+
+def toy_dataset(**sampling) -> PatchDataset:
+    case = synthetic_case()
+    source = SourceCases("toy", 1.0, [case], {c: [0] for c in ORGANS})
+    pre = config_from_preset("tiny", preprocessing={"patch_size": (32, 32, 32)}).preprocessing
+    return PatchDataset({"toy": source}, recipe(**sampling), pre, PromptTexts(ORGANS, "{name}", 0.0))
+
+
+def test_random_windows_include_air_and_absent_prompts():
+    """With nnU-Net's one third foreground-centred, most windows are drawn anywhere in the scan:
+    many hold no organ at all (all prompts absent), which the old recipe (0.67, one negative)
+    almost never taught."""
+    data = toy_dataset(foreground_prob=0.33, absent_fraction=0.5)
+    positives, absent, empty_windows = 0, 0, 0
+    for i in range(60):
+        sample = data[i]
+        present = int((sample.targets.flatten(1).sum(1) > 0).sum())
+        positives += present
+        absent += len(sample.texts) - present
+        empty_windows += present == 0
+        assert float((sample.image == -1.0).float().mean()) >= 0.0
+    assert empty_windows >= 15, empty_windows  # windows of air and background are drawn
+    assert 0.35 <= absent / (positives + absent) <= 0.8, (positives, absent)
+
+
+def test_absent_fraction_sets_the_share_of_absent_prompts():
+    """For patches where a few organs are present, absent_fraction 0.5 adds as many absent prompts."""
+    data = toy_dataset(foreground_prob=1.0, absent_fraction=0.5)
+    for i in range(20):
+        sample = data[i]
+        present = int((sample.targets.flatten(1).sum(1) > 0).sum())
+        assert present >= 1
+        assert len(sample.texts) - present == min(len(ORGANS) - present, max(1, present)), (present, sample.texts)
+    old = toy_dataset(foreground_prob=1.0, absent_fraction=0.0, prompts_per_sample=2)
+    sample = old[0]
+    assert len(sample.texts) == 2 and int((sample.targets.flatten(1).sum(1) > 0).sum()) == 1  # one positive, one negative
+
+
+def test_distinct_pairs_keep_groups_with_their_members():
+    concepts = ["kidney", "kidney_left", "kidney_right", "liver", "urinary_bladder"]
+    pairs = {(concepts[i], concepts[j]) for i, j in distinct_pairs(concepts).tolist()}
+    assert ("kidney_left", "kidney_right") in pairs and ("liver", "urinary_bladder") in pairs
+    assert ("kidney", "kidney_left") not in pairs and ("kidney", "kidney_right") not in pairs
+
+
+def test_query_separation_pushes_collapsed_queries_apart():
+    """The failure of the first nano model (cosine 1.00 between 'liver' and 'urinary bladder')
+    is penalised, and a few gradient steps on the loss alone separate the queries."""
+    torch.manual_seed(0)
+    base = torch.randn(1, 8)
+    queries = (base.repeat(3, 1) + 0.01 * torch.randn(3, 8)).requires_grad_(True)
+    pairs = torch.tensor([[0, 1], [0, 2], [1, 2]])
+    loss, top = query_separation_loss(queries, pairs, margin=0.7)
+    assert top > 0.99 and float(loss.detach()) > 0.05
+    optimiser = torch.optim.SGD([queries], lr=1.0)
+    for _ in range(200):
+        optimiser.zero_grad()
+        loss, top = query_separation_loss(queries, pairs, margin=0.7)
+        loss.backward()
+        optimiser.step()
+    assert top < 0.75
+    below = torch.eye(3)
+    assert float(query_separation_loss(below, pairs, 0.7)[0]) == 0.0
+
+
+def test_pair_stats_split_by_source_and_concept():
+    stats = PairStats()
+    logits = torch.full((2, 2, 4, 4, 4), -5.0)
+    targets = torch.zeros(2, 2, 4, 4, 4)
+    targets[0, 0, :2] = 1
+    logits[0, 0, :2] = 5.0  # perfect liver on sample 0
+    logits[1, 1, 0, 0, 0] = 5.0  # one false-positive voxel for an absent spleen on sample 1
+    valid = torch.tensor([[True, True], [True, True]])
+    zeros = torch.zeros(2, 2)
+    stats.add(logits, targets, valid, zeros, zeros, ["btcv", "la"], [["liver", "spleen"], ["liver", "spleen"]])
+    summary = stats.summary()
+    assert summary["concepts"]["liver"]["dice"] == 1.0 and summary["concepts"]["liver"]["positives"] == 1
+    assert summary["concepts"]["spleen"]["false_positive_rate"] == 0.5
+    assert summary["sources"]["la"]["false_positive_rate"] == 0.5 and summary["sources"]["la"]["dice"] is None
+
+
+def test_whole_volume_validation_scores_every_annotated_concept(tiny_model):
+    case = synthetic_case()
+    texts = PromptTexts(ORGANS, "{name}", 0.0)
+    rows = validate(tiny_model, [case], texts, overlap=0.25, device=torch.device("cpu"))
+    assert {r["concept"] for r in rows} == set(ORGANS)
+    assert all(0 < r["ref_voxels"] <= 64 for r in rows)
+    summary = summarise_validation(rows)["toy"]
+    assert set(summary["concepts"]) == set(ORGANS) and summary["cases"] == 1
+    assert not tiny_model.training  # left in the mode it was found in (eval)
+
+
+def test_training_logs_per_source_concept_and_validation(tmp_path, shared_data):
+    """A few steps of the real recipe's machinery: metrics_detail.jsonl holds per-source and
+    per-concept figures, validation.jsonl the whole-volume Dice of held-out scans."""
+    from unisegtext.training import train
+
+    config = TrainConfig.from_dict({
+        "name": "log-test", "seed": 0, "threads": 1,
+        "model": {"preset": "tiny", "text_adapter": "", "overrides": {"backbone": {"channels": [4, 8, 16]}}},
+        "data": {"cache_dir": str(tmp_path / "cache"), "sources": [
+            {"dataset": "la_mri_2018", "root": str(shared_data / "la_mri"), "weight": 1.0, "limit": 2},
+            {"dataset": "totalseg_example_ct", "root": str(shared_data / "totalseg_examples"), "weight": 1.0},
+        ]},
+        "sampling": {"batch_size": 1, "prompts_per_sample": 4, "absent_fraction": 0.5, "foreground_prob": 0.33},
+        "optim": {"lr": 0.001, "warmup_steps": 1, "max_steps": 4, "query_weight": 1.0, "query_margin": 0.7},
+        "checkpoint": {"every_steps": 2, "keep_last": 1},
+        "validation": {"every_steps": 4, "sources": [{"dataset": "la_mri_2018", "split": "validation", "limit": 1}]},
+        "logging": {"every_steps": 1, "detail_every_steps": 2, "tensorboard": False, "progress": False},
+    })
+    result = train(config, tmp_path / "run", device="cpu")
+    assert result.steps == 4
+    detail = [json.loads(line) for line in (tmp_path / "run" / "metrics_detail.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in detail] == [2, 4]
+    assert set().union(*(d["sources"] for d in detail)) <= {"la_mri_2018", "totalseg_example_ct"}
+    assert any(d["concepts"] for d in detail)
+    validation = [json.loads(line) for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in validation] == [4]
+    rows = validation[0]["rows"]
+    assert {r["dataset"] for r in rows} == {"la_mri_2018"} and rows[0]["concept"] == "heart_left_atrium"
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+    assert "query_cos_max" in header
+
+
+@pytest.mark.parametrize("bad", [{"absent_fraction": 1.0}, {"foreground_prob": 1.5}])
+def test_recipe_values_are_checked(bad):
+    from unisegtext.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        recipe(**bad)
