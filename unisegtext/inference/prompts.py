@@ -40,6 +40,22 @@ def check_prompts(prompts: Sequence[str] | str) -> list[str]:
     return [p.strip() for p in prompts]
 
 
+def _members(tree, concept, trained: list[str]) -> list[str]:
+    """The trained concepts that answer `concept`. A concept defined as a union ("kidney" =
+    left + right kidney) is answered by its trained members whenever every member has one,
+    even if the model also learned the group itself, so that "kidney" is always exactly the
+    union of "left kidney" and "right kidney"; otherwise the concept itself when trained;
+    otherwise its trained parts."""
+    if not trained:
+        return [concept.id]
+    others = [c for c in trained if c != concept.id]
+    if concept.union_of and all(tree.expand_union(m, others) for m in concept.union_of):
+        return tree.expand_union(concept.id, others)
+    if concept.id in trained:
+        return [concept.id]
+    return tree.expand_union(concept.id, trained)
+
+
 def resolve_prompts(
     prompts: Sequence[str],
     trained_concepts: Sequence[str],
@@ -93,7 +109,7 @@ def resolve_prompts(
         warnings = []
         if res.how in ("fuzzy", "embedding"):
             warnings.append(f"{prompt!r} was read as {concept.name!r} ({res.how} match, confidence {res.confidence:.2f})")
-        members = [concept.id] if not trained or concept.id in trained else tree.expand_union(concept.id, trained)
+        members = _members(tree, concept, trained)
         if not members:
             if not open_vocabulary:
                 near = [c for c in trained if c in set(tree.descendants(concept.id)) | set(tree.ancestors(concept.id))][:5]

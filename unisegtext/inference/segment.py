@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from unisegtext.errors import UniSegError
+from unisegtext.inference.postprocessing import restore_mask
 from unisegtext.inference.preprocessing import PreparedVolume, preprocess, restore
 from unisegtext.inference.prompts import check_prompts, resolve_prompts
 from unisegtext.inference.result import SegmentationResult
@@ -62,21 +63,31 @@ def predict_probabilities(
     max_prompts_per_pass: int,
     blend_mode: str = "gaussian",
     progress: bool = False,
+    autocast_dtype: torch.dtype | None | str = "auto",
 ) -> torch.Tensor:
     """Sliding-window probabilities (P, X', Y', Z') in model space.
 
     The backbone runs once per window; prompts are decoded from its features in chunks of
     `max_prompts_per_pass`, so many prompts cost little more than one.
+
+    Args:
+        autocast_dtype: "auto" (bf16 on CUDA; on the CPU when the model's config asks for it
+            and the CPU has native bf16), a dtype, or None (float32).
     """
     from monai.inferers import sliding_window_inference
 
     device = text_embeddings.device
     patch = tuple(model.config.preprocessing.patch_size)
+    if autocast_dtype == "auto":
+        autocast_dtype = default_autocast_dtype(model, device)
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     )
+    channels_last = device.type == "cpu"
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
+        if channels_last:  # oneDNN's fast path for 3D convolutions on the CPU
+            window = window.contiguous(memory_format=torch.channels_last_3d)
         with autocast:
             features = model.encode_image(window)
             chunks = [
@@ -100,6 +111,48 @@ def predict_probabilities(
             progress=progress and n_windows >= 8,
         )
     return probabilities[0]  # (P, X', Y', Z')
+
+
+def postprocess_probabilities(probabilities: torch.Tensor, texts: Sequence[str], resolutions, config, threshold: float) -> torch.Tensor:
+    """Model-space post-processing of (P, X', Y', Z') probabilities, one map per queried text:
+    with ``inference.keep_largest_component``, a concept that the knowledge tree marks
+    ``single_component`` keeps only its largest connected blob (members of a union each
+    keep theirs: "kidney" = the largest left + the largest right blob)."""
+    if not config.inference.keep_largest_component:
+        return probabilities
+    from unisegtext.inference.postprocessing import keep_largest_component
+    from unisegtext.knowledge import load_tree
+
+    tree = load_tree()
+    single = set()
+    for r in resolutions:
+        members = r.union_of or ([r.concept_id] if r.concept_id else [])
+        for concept_id, text in zip(members, r.text):
+            if concept_id in tree and tree.get(concept_id).single_component:
+                single.add(text)
+    out = probabilities.clone() if single else probabilities
+    for i, text in enumerate(texts):
+        if text in single:
+            out[i] = keep_largest_component(out[i], threshold)
+    return out
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast is
+    about twice as fast as float32; elsewhere it is emulated and much slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        return False
+
+
+def default_autocast_dtype(model: UniSegText, device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA; on the CPU when the model's config asks for it and the CPU supports it."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and model.config.inference.bf16_cpu and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
 
 
 def segment(
@@ -184,19 +237,26 @@ def segment(
     timings["inference"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    probabilities = postprocess_probabilities(probabilities, texts, resolutions, cfg, threshold)
     index = {text: i for i, text in enumerate(texts)}
     masks: dict[str, np.ndarray] = {}
     probs_out: dict[str, np.ndarray] | None = {} if return_probabilities else None
     scores: dict[str, float] = {}
     for r in resolutions:
-        # a union prompt's probability is the voxel-wise max of its members on the input grid,
-        # so its mask is exactly the union of the members' masks
-        prob = restore(probabilities[[index[text] for text in r.text]], prepared).max(axis=0)
-        mask = prob > threshold
-        masks[r.prompt] = mask
-        scores[r.prompt] = float(prob[mask].mean()) if mask.any() else 0.0
+        # a union prompt's probability is the voxel-wise max of its members (trilinear
+        # resampling and the max commute with thresholding only this way round: max first in
+        # model space would differ), so its mask is exactly the union of the members' masks
+        members = probabilities[[index[text] for text in r.text]]
         if probs_out is not None:
+            prob = restore(members, prepared).max(axis=0)
+            mask = prob > threshold
+            scores[r.prompt] = float(prob[mask].mean()) if mask.any() else 0.0
             probs_out[r.prompt] = prob.astype(np.float32)
+        else:
+            parts = [restore_mask(member, prepared, threshold) for member in members]
+            mask = np.logical_or.reduce([m for m, _ in parts]) if len(parts) > 1 else parts[0][0]
+            scores[r.prompt] = max(score for _, score in parts)
+        masks[r.prompt] = mask
     timings["postprocess"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return SegmentationResult(

@@ -10,7 +10,13 @@ from typing import Any
 import numpy as np
 
 from unisegtext.errors import VolumeError
-from unisegtext.io.nifti import image_like, is_nifti, read_nifti, save_nifti_atomic, volume_from_nifti
+from unisegtext.io.nifti import (
+    image_like,
+    is_nifti,
+    read_nifti,
+    save_nifti_atomic,
+    volume_from_nifti,
+)
 from unisegtext.io.volume import Volume, check_array, guess_modality
 
 VolumeLike = Any  # str | os.PathLike | nibabel image | Volume | (array, affine)

@@ -121,7 +121,18 @@ def check_array(array: Any, what: str = "array") -> np.ndarray:
 
 
 def guess_modality(array: np.ndarray) -> str:
-    """Guess CT vs MR: CT has a large share of voxels at or below -500 HU (air, outside)."""
+    """Guess CT vs MR from intensities (a guess: pass the modality when it is known).
+
+    CT is in Hounsfield units: a share of voxels at or below -500 HU (air, outside the body),
+    or, for a CT stored in a soft-tissue window (BTCV: -125..275 HU, air reads -125) or cropped
+    to the body, a share of voxels at or below -100 HU (fat, the window floor) over a range of
+    several hundred HU. MR magnitude images are not negative, and z-scored MR stays within a
+    few units of 0.
+    """
     sample = array[:: max(1, array.shape[0] // 64), :: max(1, array.shape[1] // 64), :]
-    low = float(np.mean(sample < -500))
-    return "CT" if low > 0.01 and float(sample.min()) >= -3100 else "MR"
+    low, high = float(sample.min()), float(sample.max())
+    if low < -3100:
+        return "MR"
+    if float(np.mean(sample < -500)) > 0.01:
+        return "CT"
+    return "CT" if float(np.mean(sample <= -100)) > 0.02 and high - low >= 300 else "MR"
