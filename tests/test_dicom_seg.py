@@ -172,7 +172,7 @@ def test_cli_dicom_seg_statistics_preview_report(series, tiny_model_dir, tmp_pat
                  "--model", str(tiny_model_dir), "--output-type", "dicom-seg", "--statistics", "--preview",
                  "--report", str(report), "--quiet"])
     assert code == 0
-    assert {p.name for p in out.iterdir()} == {"segmentation.dcm", "prompts.json", "statistics.json", "preview.png"}
+    assert {p.name for p in out.iterdir()} == {"segmentation.dcm", "prompts.json", "statistics.json", "preview.png", "manifest.json"}
     seg = hd.seg.segread(str(out / "segmentation.dcm"))
     assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["liver", "kidney_left"]
     stats = json.loads((out / "statistics.json").read_text())["structures"]

@@ -128,7 +128,8 @@ def test_save_per_prompt_and_multilabel(ct_path, tiny_model, tmp_path):
     result = segment(ct_path, ["liver", "spleen"], model=tiny_model, threshold=0.3, progress=False)
     files = result.save(tmp_path / "single")
     names = sorted(f.name for f in files)
-    assert names == ["liver.nii.gz", "prompts.json", "spleen.nii.gz"]
+    assert names == ["liver.nii.gz", "manifest.json", "prompts.json", "spleen.nii.gz"]
+    assert files[-1].name == "manifest.json"  # written last
     ref = nib.load(str(ct_path))
     liver = nib.load(str(tmp_path / "single" / "liver.nii.gz"))
     assert liver.shape == ref.shape and np.allclose(liver.affine, ref.affine)

@@ -57,9 +57,10 @@ def test_mcp_client_lists_tools_and_segments_the_example(server_handler, tmp_pat
     assert [r["concept_id"] for r in answer["results"]] == ["liver", "kidney_left"]
     for result in answer["results"]:
         assert isinstance(result["found"], bool) and result["volume_ml"] >= 0
-        assert Path(result["file"]).is_file()
-        assert Path(result["file"]).is_relative_to(tmp_path / "out")
-    assert Path(answer["files"]["statistics"]).is_file()
+        assert not Path(result["file"]).is_absolute()  # relative to the output root
+        assert (tmp_path / "out" / result["file"]).is_file()
+    assert (tmp_path / "out" / answer["files"]["statistics"]).is_file()
+    assert str(tmp_path) not in json.dumps(answer)
 
     assert refused.is_error is True
     assert "outside the data folder" in refused.structured_content["error"]

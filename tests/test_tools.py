@@ -190,9 +190,12 @@ def test_segment_round_trip_from_a_json_string(handler, tmp_path):
         if r["found"]:
             assert len(r["centroid_mm"]) == 3 and set(r["bbox_mm"]) == {"min", "max"}
             assert 0.0 < r["mean_confidence"] <= 1.0
-        assert Path(r["file"]).is_file() and Path(r["file"]).parent == Path(answer["output_dir"])
-    assert Path(answer["output_dir"]).parent == tmp_path / "out"
-    assert Path(answer["files"]["statistics"]).is_file() and Path(answer["files"]["preview"]).is_file()
+        assert (tmp_path / "out" / r["file"]).is_file() and Path(r["file"]).parent == Path(answer["output_dir"])
+    out = tmp_path / "out"
+    assert not Path(answer["output_dir"]).is_absolute() and (out / answer["output_dir"]).is_dir()
+    assert (out / answer["files"]["statistics"]).is_file() and (out / answer["files"]["preview"]).is_file()
+    assert (out / answer["files"]["manifest"]).is_file()
+    assert str(tmp_path) not in json.dumps(answer)  # no absolute server path in the answer
     assert answer["model"]["weights_sha256"]
 
 
@@ -222,8 +225,8 @@ def test_dicom_series_to_dicom_seg_through_the_tool(handler, data_root):
                                         "output_type": "dicom-seg"})
     assert "error" not in answer, answer
     assert answer["shape"] == [64, 64, 12]
-    seg_file = Path(answer["results"][0]["file"])
-    assert seg_file.name == "segmentation.dcm" and answer["results"][1]["file"] == str(seg_file)
+    seg_file = handler.output_root / answer["results"][0]["file"]
+    assert seg_file.name == "segmentation.dcm" and answer["results"][1]["file"] == answer["results"][0]["file"]
     seg = hd.seg.segread(str(seg_file))
     assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["liver", "kidney_right"]
 

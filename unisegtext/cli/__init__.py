@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from unisegtext import __version__
 
 # subcommand modules; each defines add_parser(subparsers) and sets args.func(args) -> int
-COMMANDS = ["segment", "info", "knowledge", "data", "eval", "train", "mcp"]
+COMMANDS = ["segment", "batch", "info", "knowledge", "data", "eval", "train", "mcp"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,18 +42,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from unisegtext.errors import UniSegError
+    from unisegtext.io.output import RunTerminated
 
     try:
         return int(args.func(args) or 0)
+    except RunTerminated as exc:
+        print(f"unisegtext {args.command}: {exc}", file=sys.stderr)
+        return 143
     except UniSegError as exc:
-        print(f"unisegtext {args.command}: error: {exc}", file=sys.stderr)
+        print(f"unisegtext {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
-        print(f"unisegtext {args.command}: error: {exc}", file=sys.stderr)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        print(f"unisegtext {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"unisegtext {args.command}: error: out of memory; use a smaller scan or fewer prompts, "
+              "or lower --max-memory so the run is refused up front", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line (a multi-line message would look like a traceback)."""
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,10 +25,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--ml", "--multilabel", dest="multilabel", action="store_true",
                    help="write one multilabel NIfTI + labels.json instead of one file per prompt")
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"], help="default: cuda if available")
-    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1)")
+    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 0.9] (default 0.25)")
     p.add_argument("--threshold", type=float, default=None, help="probability threshold (default 0.5)")
     p.add_argument("--modality", choices=["CT", "MR"], default=None, help="default: DICOM tag or guessed")
     p.add_argument("--channel", type=int, default=None, help="for 4D inputs: which volume to use")
+    p.add_argument("--series", default=None, metavar="UID",
+                   help="for a DICOM folder/zip with several series: the SeriesInstanceUID to read")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GB",
+                   help="refuse runs estimated to need more memory (default: 80%% of RAM or $UNISEGTEXT_MAX_MEMORY_GB)")
     p.add_argument("--open-vocabulary", action="store_true", help="run unknown prompts on their raw text (with a warning)")
     p.add_argument("--probabilities", action="store_true", help="also write probability maps")
     p.add_argument("--output-type", choices=["nifti", "dicom-seg"], default="nifti",
@@ -58,6 +62,7 @@ def collect_prompts(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from unisegtext.errors import PromptError
     from unisegtext.inference import segment
+    from unisegtext.io.output import OutputError, OutputFolder, check_output_dir
 
     prompts = collect_prompts(args)
     if not prompts:
@@ -68,33 +73,38 @@ def run(args: argparse.Namespace) -> int:
         source = str(example_path("ct"))
     else:
         source = args.input
-    if args.output_type == "dicom-seg":  # refuse before any computation
-        from unisegtext.io import read_volume
-        from unisegtext.io.dicom_seg import check_prompts_codable, source_datasets
+    if args.report:  # every place this run writes is checked before any computation
+        report = Path(args.report).expanduser()
+        if report.is_dir():
+            raise OutputError(f"--report {report} is a folder; pass a file path such as run.json")
+        check_output_dir(report.parent if str(report.parent) else Path("."))
+    with OutputFolder(args.output):  # writable, and locked against a second writer, for the whole run
+        if args.output_type == "dicom-seg":  # refuse before any computation
+            from unisegtext.io import read_volume
+            from unisegtext.io.dicom_seg import check_prompts_codable, source_datasets
 
-        source = read_volume(source, modality=args.modality, channel=args.channel)
-        source_datasets(source)
-        check_prompts_codable(prompts, generic_codes=args.dicom_generic_codes)
-    result = segment(
-        source,
-        prompts,
-        model=args.model,
-        modality=args.modality,
-        device=args.device,
-        threshold=args.threshold,
-        overlap=args.overlap,
-        return_probabilities=args.probabilities,
-        progress=not args.quiet,
-        open_vocabulary=args.open_vocabulary,
-        channel=args.channel,
-    )
-    files = result.save(args.output, multilabel=args.multilabel, probabilities=args.probabilities,
-                        output_type=args.output_type, dicom_generic_codes=args.dicom_generic_codes)
-    out_dir = Path(args.output)
-    if args.statistics:
-        files.append(result.write_statistics(out_dir / "statistics.json"))
-    if args.preview:
-        files.append(result.write_preview(out_dir / "preview.png"))
+            source = read_volume(source, modality=args.modality, channel=args.channel, series_uid=args.series,
+                                 max_memory_gb=args.max_memory)
+            source_datasets(source)
+            check_prompts_codable(prompts, generic_codes=args.dicom_generic_codes)
+        result = segment(
+            source,
+            prompts,
+            model=args.model,
+            modality=args.modality,
+            device=args.device,
+            threshold=args.threshold,
+            overlap=args.overlap,
+            return_probabilities=args.probabilities,
+            progress=not args.quiet,
+            open_vocabulary=args.open_vocabulary,
+            channel=args.channel,
+            series_uid=args.series if not args.output_type == "dicom-seg" else None,
+            max_memory_gb=args.max_memory,
+        )
+        files = result.save(args.output, multilabel=args.multilabel, probabilities=args.probabilities,
+                            output_type=args.output_type, dicom_generic_codes=args.dicom_generic_codes,
+                            statistics=args.statistics, preview=args.preview)
     if args.report:
         from unisegtext.inference.report import write_report
 
@@ -112,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
             for prompt, r in result.resolutions.items()
         }
         print(json.dumps({"output": [str(f) for f in files], "prompts": summary,
+                          "modality": {"value": result.modality, "how": result.modality_source},
                           "seconds": round(result.timings["total"], 2)}, indent=2))
     return 0
 

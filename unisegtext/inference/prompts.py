@@ -34,9 +34,20 @@ def check_prompts(prompts: Sequence[str] | str) -> list[str]:
         raise PromptError(f"prompts must be non-empty strings; got {bad[:3]!r}")
     if len(prompts) > MAX_PROMPTS:
         raise PromptError(f"{len(prompts)} prompts is more than the limit of {MAX_PROMPTS}; split the request")
-    duplicates = {p for p in prompts if prompts.count(p) > 1}
+    stripped = [" ".join(p.split()) for p in prompts]
+    seen: dict[str, str] = {}
+    duplicates = []
+    for original, text in zip(prompts, stripped):
+        key = text.casefold()
+        if key in seen:
+            duplicates.append(f"{seen[key]!r} and {original!r}")
+        else:
+            seen[key] = original
     if duplicates:
-        raise PromptError(f"duplicate prompts {sorted(duplicates)}; each prompt names one output mask")
+        raise PromptError(
+            f"duplicate prompts: {'; '.join(duplicates)} name the same text (case and spaces are ignored); "
+            "each prompt names one output mask, so give each structure once"
+        )
     return [p.strip() for p in prompts]
 
 

@@ -97,7 +97,8 @@ def build_report(
             "shape": list(volume.shape),
             "spacing_mm": list(volume.spacing),
             "orientation": volume.orientation,
-            "modality": volume.modality,
+            "modality": result.modality or volume.modality,
+            "modality_decided_by": result.modality_source,
             "series_instance_uid": (volume.meta or {}).get("series_instance_uid"),
         },
         "options": dict(options or {}),
@@ -126,10 +127,9 @@ def write_report(
     **kwargs: Any,
 ) -> Path:
     """Write :func:`build_report` as JSON to `path` and return it."""
+    from unisegtext.io.output import write_file_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     report = build_report(result, files, **kwargs)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_file_atomic(path, json.dumps(report, indent=2, default=str) + "\n")

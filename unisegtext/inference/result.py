@@ -6,8 +6,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +60,8 @@ class SegmentationResult:
         scores: prompt -> mean probability inside the mask (0 when empty).
         timings: seconds per stage.
         model: a short description of the model that produced it.
+        modality: "CT" or "MR" as used for normalisation.
+        modality_source: how it was decided: "given", "dicom" or "guessed".
     """
 
     masks: dict[str, np.ndarray]
@@ -71,6 +71,8 @@ class SegmentationResult:
     scores: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
+    modality: str | None = None
+    modality_source: str | None = None
 
     @property
     def prompts(self) -> list[str]:
@@ -128,11 +130,17 @@ class SegmentationResult:
         probabilities: bool = False,
         output_type: str = "nifti",
         dicom_generic_codes: bool = False,
+        statistics: bool = False,
+        preview: bool = False,
+        info: dict[str, Any] | None = None,
     ) -> list[Path]:
-        """Write the masks into `out_dir` and return the written files.
+        """Write the result set into `out_dir` and return the written files (``manifest.json`` last).
 
-        Files are written to a temporary folder next to `out_dir` first and moved in at the
-        end, so a failure never leaves a partial result behind.
+        The folder holds one result set (see :mod:`unisegtext.io.output`): files are staged in
+        a hidden folder inside `out_dir`, moved in together under an exclusive lock, files of
+        the previous run there (those its ``manifest.json`` lists) that this run does not write
+        are removed, and the new ``manifest.json`` is written last. A failure or a signal never
+        leaves a partial or mixed set; other files in the folder are not touched.
 
         Args:
             multilabel: one `segmentation.nii.gz` + `labels.json` instead of one file per prompt.
@@ -142,21 +150,29 @@ class SegmentationResult:
             dicom_generic_codes: for "dicom-seg", code a concept that has no DICOM code in the
                 knowledge tree with a generic one ("Tissue", or "Lesion" for lesions) instead
                 of refusing (see :func:`unisegtext.io.dicom_seg.write_dicom_seg`).
+            statistics: also write `statistics.json` (see :meth:`statistics`).
+            preview: also write `preview.png` (see :meth:`write_preview`).
+            info: extra facts for the manifest.
         """
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".unisegtext-partial-", dir=out_dir.parent))
-        try:
-            written = self._write(staging, multilabel=multilabel, probabilities=probabilities,
-                                  output_type=output_type, dicom_generic_codes=dicom_generic_codes)
-            final = []
-            for path in written:
-                target = out_dir / path.name
-                os.replace(path, target)
-                final.append(target)
-            return final
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        from unisegtext.io.output import OutputFolder
+
+        if output_type not in ("nifti", "dicom-seg"):
+            raise ValueError(f"output_type must be 'nifti' or 'dicom-seg', got {output_type!r}")
+        if probabilities and self.probabilities is None:
+            raise ValueError("no probabilities to write: call segment(..., return_probabilities=True)")
+        with OutputFolder(out_dir) as out:
+            staged = self._write(out.staging, multilabel=multilabel, probabilities=probabilities,
+                                 output_type=output_type, dicom_generic_codes=dicom_generic_codes)
+            if statistics:
+                staged.append(self.write_statistics(out.staging / "statistics.json"))
+            if preview:
+                staged.append(self.write_preview(out.staging / "preview.png"))
+            manifest_info = {
+                "scan": self.volume.source, "shape": list(self.volume.shape), "prompts": self.prompts,
+                "model": {k: self.model.get(k) for k in ("name", "weights_sha256") if k in self.model},
+                **(info or {}),
+            }
+            return out.publish(staged, manifest_info)
 
     def _write(self, folder: Path, *, multilabel: bool, probabilities: bool, output_type: str,
                dicom_generic_codes: bool = False) -> list[Path]:
@@ -189,6 +205,7 @@ class SegmentationResult:
             "volumes_ml": self.volumes_ml,
             "scores": self.scores,
             "model": self.model,
+            "modality": {"value": self.modality, "how": self.modality_source},
         }
         written.append(_write_json(folder / "prompts.json", summary))
         return written
@@ -260,6 +277,7 @@ class SegmentationResult:
             "scores": self.scores,
             "timings": self.timings,
             "model": self.model,
+            "modality": {"value": self.modality, "how": self.modality_source},
         }
 
 
@@ -271,7 +289,7 @@ def file_names(prompts: list[str]) -> dict[str, str]:
         stem = re.sub(r"[^A-Za-z0-9]+", "_", prompt.strip()).strip("_").lower() or "prompt"
         stem = stem[:80]
         candidate, n = stem, 2
-        while candidate in used or candidate in {"segmentation", "labels", "prompts"}:
+        while candidate in used or candidate in {"segmentation", "labels", "prompts", "statistics", "manifest"}:
             candidate, n = f"{stem}_{n}", n + 1
         used.add(candidate)
         names[prompt] = candidate

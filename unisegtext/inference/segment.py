@@ -113,6 +113,33 @@ def predict_probabilities(
     return probabilities[0]  # (P, X', Y', Z')
 
 
+def _in_unit_interval(value: Any) -> bool:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return False
+    return 0.0 <= value <= 1.0
+
+
+def _modality_warnings(resolution, modality: str, how: str) -> list[str]:
+    """A warning when the knowledge tree says the concept is not seen in this modality."""
+    if resolution.concept_id is None:
+        return []
+    from unisegtext.knowledge import load_tree
+
+    tree = load_tree()
+    members = resolution.union_of or [resolution.concept_id]
+    seen_in = {m: tree.get(m).modalities for m in members if m in tree}
+    wrong = [m for m, mods in seen_in.items() if mods and modality not in mods]
+    if not wrong:
+        return []
+    note = f"{resolution.prompt!r} ({', '.join(wrong)}) is recorded in the knowledge tree as seen in " \
+           f"{'/'.join(sorted({x for m in wrong for x in seen_in[m]}))} only, but the scan is {modality}" \
+           f"{' (guessed)' if how == 'guessed' else ''}; the mask is unlikely to be meaningful"
+    logger.warning(note)
+    return [note]
+
+
 def postprocess_probabilities(probabilities: torch.Tensor, texts: Sequence[str], resolutions, config, threshold: float) -> torch.Tensor:
     """Model-space post-processing of (P, X', Y', Z') probabilities, one map per queried text:
     with ``inference.keep_largest_component``, a concept that the knowledge tree marks
@@ -171,6 +198,8 @@ def segment(
     channel: int | None = None,
     sw_batch_size: int | None = None,
     max_prompts_per_pass: int | None = None,
+    max_memory_gb: float | None = None,
+    series_uid: str | None = None,
 ) -> SegmentationResult:
     """Segment the structures named by `prompts` in a 3D CT or MR scan.
 
@@ -192,14 +221,28 @@ def segment(
         channel: for 4D inputs, which volume to segment.
         sw_batch_size: windows per forward pass.
         max_prompts_per_pass: prompts decoded together from one window's features.
+        max_memory_gb: refuse a run whose estimated peak memory is larger (default: 80 % of
+            the machine's RAM, or ``UNISEGTEXT_MAX_MEMORY_GB``); the estimate is made from the
+            header, before anything large is allocated.
+        series_uid: for a DICOM folder or zip with several series, which one.
 
     Returns:
         A :class:`SegmentationResult` with one bool mask per prompt on the input grid.
     """
+    from unisegtext.resources import (
+        check_memory,
+        check_overlap,
+        estimate_run_memory,
+        model_grid_shape,
+    )
+
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     prompts = check_prompts(prompts)
-    vol = read_volume(volume, affine, modality=modality, channel=channel)
+    if threshold is not None and not _in_unit_interval(threshold):
+        raise UniSegError(f"threshold must be a number within [0, 1], got {threshold!r}")
+    vol = read_volume(volume, affine, modality=modality, channel=channel, series_uid=series_uid,
+                      max_memory_gb=max_memory_gb)
     timings["read"] = time.perf_counter() - t0
 
     dev = pick_device(device)
@@ -208,21 +251,33 @@ def segment(
     cfg = net.config
     timings["load_model"] = time.perf_counter() - t
     threshold = cfg.inference.threshold if threshold is None else float(threshold)
-    overlap = cfg.inference.overlap if overlap is None else float(overlap)
-    if not 0.0 <= threshold <= 1.0:
-        raise UniSegError(f"threshold must be within [0, 1], got {threshold}")
-    if not 0.0 <= overlap < 1.0:
-        raise UniSegError(f"overlap must be within [0, 1), got {overlap}")
+    overlap = cfg.inference.overlap if overlap is None else overlap
 
     t = time.perf_counter()
     resolutions = resolve_prompts(prompts, cfg.concepts, cfg.text.template, open_vocabulary=open_vocabulary)
     texts = list(dict.fromkeys(text for r in resolutions for text in r.text))
+
+    # every bound is checked from the header before anything large is allocated
+    grid = model_grid_shape(vol.shape, vol.spacing, cfg.preprocessing.spacing_mm)
+    check_overlap(overlap, grid, cfg.preprocessing.patch_size)
+    overlap = float(overlap)
+    estimate = estimate_run_memory(vol.shape, vol.spacing, cfg.preprocessing.spacing_mm, len(texts), len(prompts),
+                                   return_probabilities=return_probabilities)
+    check_memory(estimate, max_memory_gb, f"segmenting {vol.source or 'the scan'} {vol.shape} at "
+                                          f"{tuple(round(s, 3) for s in vol.spacing)} mm with {len(prompts)} prompt(s)")
+    chosen_modality, modality_source = vol.decide_modality()
+    if modality_source == "guessed":
+        logger.warning("the modality was not given; %s was guessed from the intensities of %s. Pass modality= "
+                       "(CLI: --modality) if that is wrong", chosen_modality, vol.source or "the scan")
+    for r in resolutions:
+        r.warnings.extend(_modality_warnings(r, chosen_modality, modality_source))
+
     with torch.inference_mode():
         text_embeddings = net.encode_text(texts).to(dev)
     timings["text"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    prepared = preprocess(vol, cfg.preprocessing, modality=vol.modality)
+    prepared = preprocess(vol, cfg.preprocessing, modality=chosen_modality)
     timings["preprocess"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -268,6 +323,8 @@ def segment(
         timings=timings,
         model={"name": net.name_or_path or "in-memory model", "weights_sha256": net.weights_sha256,
                "preset": cfg.preset, "head": cfg.decoder.head, "device": str(dev)},
+        modality=chosen_modality,
+        modality_source=modality_source,
     )
 
 

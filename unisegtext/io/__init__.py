@@ -40,6 +40,7 @@ def read_volume(
     modality: str | None = None,
     channel: int | None = None,
     series_uid: str | None = None,
+    max_memory_gb: float | None = None,
 ) -> Volume:
     """Read anything that names a 3D scan into a :class:`Volume`.
 
@@ -50,9 +51,13 @@ def read_volume(
         modality: "CT" or "MR" when known (else read from DICOM or guessed from intensities).
         channel: for 4D inputs, which volume to use.
         series_uid: for a DICOM folder with several series, which one.
+        max_memory_gb: refuse a NIfTI whose header declares more voxels than this allows
+            (default: :func:`unisegtext.resources.default_memory_limit_gb`).
 
     Raises:
-        VolumeError: missing path, unreadable file, wrong dimensionality, NaNs...
+        VolumeError: missing path, not a regular file or folder, unreadable file, wrong
+            dimensionality, NaNs...
+        ResourceLimitError: the scan is too large to read within the memory limit.
     """
     if isinstance(source, Volume):
         if modality is not None and source.modality != modality:
@@ -74,12 +79,19 @@ def read_volume(
         path = Path(source).expanduser()
         if not path.exists():
             raise VolumeError(f"{path} does not exist; check the path (relative paths start at {Path.cwd()})")
-        if path.is_dir() or zipfile.is_zipfile(path) and not is_nifti(path):
+        if not path.is_dir() and not path.is_file():  # a FIFO, device or socket would block or never end
+            raise VolumeError(
+                f"{path} is not a regular file or folder (a pipe, device or socket); save the scan to a "
+                ".nii/.nii.gz file or a DICOM folder/.zip and pass that"
+            )
+        if path.is_dir() or not is_nifti(path) and zipfile.is_zipfile(path):
             from unisegtext.io.dicom import read_dicom_series
 
             return read_dicom_series(path, series_uid=series_uid, modality=modality)
+        if series_uid is not None:
+            raise VolumeError(f"series_uid (--series) selects a series of a DICOM folder or .zip; {path.name} is not one")
         if is_nifti(path):
-            return read_nifti(path, channel=channel, modality=modality)
+            return read_nifti(path, channel=channel, modality=modality, max_memory_gb=max_memory_gb)
         if path.suffix.lower() in (".dcm", ""):
             raise VolumeError(f"{path} is a single file; pass the folder (or .zip) holding the whole DICOM series")
         raise VolumeError(

@@ -87,23 +87,44 @@ def read_dicom_series(path: str | os.PathLike, *, series_uid: str | None = None,
         chosen = max(series, key=lambda uid: len(series[uid]))
         if len(series) > 1:
             logger.warning(
-                "%s holds %d series; reading %s (%d slices). Choose another with series_uid=...",
-                path, len(series), chosen, len(series[chosen]),
+                "%s holds %d series; reading %s (%d slices). Choose another with series_uid=... "
+                "(CLI: --series UID); the others: %s",
+                path, len(series), chosen, len(series[chosen]), ", ".join(sorted(u for u in series if u != chosen)),
             )
     slices = series[chosen]
     if len(slices) < 2:
         raise VolumeError(
             f"{path}: series {chosen} has a single slice; a 3D volume needs at least 2 slices"
         )
-    first = slices[0][1]
-    orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
+    first_name, first = slices[0]
+    try:
+        orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64).reshape(6)
+    except (TypeError, ValueError) as exc:
+        raise VolumeError(f"{first_name}: ImageOrientationPatient {first.ImageOrientationPatient!r} is not 6 numbers") from exc
     row_dir, col_dir = orientation[:3], orientation[3:]
+    if (not np.all(np.isfinite(orientation)) or abs(np.linalg.norm(row_dir) - 1) > 0.01
+            or abs(np.linalg.norm(col_dir) - 1) > 0.01 or abs(float(np.dot(row_dir, col_dir))) > 0.01):
+        raise VolumeError(
+            f"{first_name}: ImageOrientationPatient {orientation.tolist()} is not two orthogonal unit vectors "
+            "(zero, missing or corrupt); the slice geometry cannot be known. Re-export the series from the scanner/PACS"
+        )
+    pixel_spacing = first.get("PixelSpacing")
+    try:
+        row_spacing, col_spacing = (float(v) for v in pixel_spacing)
+    except (TypeError, ValueError):
+        raise VolumeError(
+            f"{first_name}: PixelSpacing (0028,0030) is missing or not two numbers ({pixel_spacing!r}); without it "
+            "the voxel size is unknown. Re-export the series with its geometry tags"
+        ) from None
+    if not (np.isfinite(row_spacing) and np.isfinite(col_spacing) and row_spacing > 0 and col_spacing > 0):
+        raise VolumeError(f"{first_name}: PixelSpacing {[row_spacing, col_spacing]} must be two positive numbers (mm)")
     normal = np.cross(row_dir, col_dir)
     slices.sort(key=lambda item: float(np.dot(normal, np.asarray(item[1].ImagePositionPatient, float))))
     positions = np.array([np.asarray(ds.ImagePositionPatient, float) for _, ds in slices])
     gaps = np.diff(positions @ normal)
     if np.any(np.abs(gaps) < 1e-4):
-        raise VolumeError(f"{path}: two slices share one position; the folder mixes series or duplicates")
+        raise VolumeError(f"{path}: two slices share one position along the slice normal; the folder holds duplicate "
+                          "slices or mixes series (choose one with series_uid= / --series)")
     if np.ptp(gaps) > 0.01 * max(abs(float(np.mean(gaps))), 1e-3) + 1e-3:
         logger.warning("%s: slice spacing is not uniform (%.3f to %.3f mm); using the mean",
                        path, float(gaps.min()), float(gaps.max()))
@@ -123,7 +144,6 @@ def read_dicom_series(path: str | os.PathLike, *, series_uid: str | None = None,
     # pixel_array is (rows, columns) = (j, i); store as (i, j, k)
     array = np.stack(planes, axis=-1).transpose(1, 0, 2)
 
-    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
     step = (positions[-1] - positions[0]) / (len(slices) - 1)
     lps = np.eye(4)
     lps[:3, 0] = row_dir * col_spacing   # along i (columns)
@@ -142,9 +162,10 @@ def read_dicom_series(path: str | os.PathLike, *, series_uid: str | None = None,
         # headers without pixel data: what a DICOM SEG writer needs to reference the source
         "datasets": [_without_pixels(ds) for _, ds in slices],
     }
+    how = "given" if modality is not None else None
     if modality is None and tag_modality in ("CT", "MR"):
-        modality = tag_modality
-    return Volume(array, affine, modality=modality, source=str(path), meta=meta)
+        modality, how = tag_modality, "dicom"
+    return Volume(array, affine, modality=modality, source=str(path), meta=meta, modality_source=how)
 
 
 def _without_pixels(ds: Any) -> Any:

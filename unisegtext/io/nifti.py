@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import zlib
 from pathlib import Path
@@ -14,6 +15,8 @@ import numpy as np
 from unisegtext.errors import VolumeError
 from unisegtext.io.volume import Volume
 
+logger = logging.getLogger(__name__)
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -22,27 +25,73 @@ def is_nifti(path: str | os.PathLike) -> bool:
     return name.endswith(NIFTI_SUFFIXES)
 
 
-def read_nifti(path: str | os.PathLike, *, channel: int | None = None, modality: str | None = None) -> Volume:
+def read_nifti(path: str | os.PathLike, *, channel: int | None = None, modality: str | None = None,
+               max_memory_gb: float | None = None) -> Volume:
     """Read a .nii/.nii.gz file into a :class:`Volume`.
+
+    The header is checked before any voxel is read: its voxel sizes (a zero or non-finite
+    ``pixdim`` that nibabel would silently read as 1 mm is refused unless an sform defines
+    the geometry) and its voxel count against the memory limit.
 
     Args:
         path: the file.
         channel: for a 4D file, which volume along the 4th axis to use.
         modality: "CT" or "MR" when known.
+        max_memory_gb: memory limit (see :mod:`unisegtext.resources`).
     """
+    from unisegtext.resources import check_input_size
+
     path = Path(path)
     if path.stat().st_size == 0:
         raise VolumeError(f"{path} is an empty file (0 bytes); re-export or re-download the scan")
     try:
+        raw = _raw_header(path)
+        _check_voxel_sizes(raw, path)
+        shape = tuple(int(s) for s in raw.get_data_shape())
+        spatial = shape[:3]
+        voxels = 1
+        for n in spatial:
+            voxels *= max(1, n)
+        check_input_size(voxels, max_memory_gb, str(path))
         img = nib.load(str(path))
         return volume_from_nifti(img, channel=channel, modality=modality, source=str(path))
-    except VolumeError:
+    except (VolumeError, MemoryError):
         raise
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, nib.wrapstruct.WrapStructError,
+            OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, IndexError, TypeError) as exc:
         raise VolumeError(
             f"{path} could not be read as NIfTI ({type(exc).__name__}: {exc}); the file is "
             "corrupt or not a NIfTI image"
         ) from exc
+
+
+def _raw_header(path: Path):
+    """The header as stored (nibabel's loaded header has zero voxel sizes already replaced by 1)."""
+    with nib.openers.ImageOpener(str(path)) as handle:
+        start = handle.read(4)
+        sizeof_hdr = int.from_bytes(start, "little")
+        if sizeof_hdr not in (348, 540):
+            sizeof_hdr = int.from_bytes(start, "big")
+        handle.seek(0)
+        klass = nib.Nifti2Header if sizeof_hdr == 540 else nib.Nifti1Header
+        return klass.from_fileobj(handle, check=False)
+
+
+def _check_voxel_sizes(header, path: Path) -> None:
+    pixdim = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    if np.all(np.isfinite(pixdim)) and np.all(pixdim != 0):
+        return
+    if int(header["sform_code"]) > 0:
+        srow = np.stack([header["srow_x"], header["srow_y"], header["srow_z"]]).astype(np.float64)
+        if np.all(np.isfinite(srow)) and abs(np.linalg.det(srow[:, :3])) > 1e-12:
+            logger.warning("%s: pixdim %s holds a zero or non-finite voxel size; the geometry comes from "
+                           "its sform, which is valid", path, pixdim.tolist())
+            return
+    raise VolumeError(
+        f"{path}: the header gives voxel sizes {pixdim.tolist()} mm (pixdim[1:4]) and no valid sform; a zero "
+        "or missing voxel size would be read as 1 mm and every volume would be wrong. Fix the header "
+        "(e.g. nibabel: img.header.set_zooms(...)) and save the scan again"
+    )
 
 
 def volume_from_nifti(img: Any, *, channel: int | None = None, modality: str | None = None, source: str | None = None) -> Volume:

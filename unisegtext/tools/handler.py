@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from unisegtext.errors import PromptError, UniSegError, UnknownConceptError
+from unisegtext.errors import UniSegError, UnknownConceptError
 from unisegtext.tools.paths import ToolInputError, check_file, check_tree, confine
 from unisegtext.tools.schema import DEFAULT_MAX_PROMPTS, TOOLS, validate_arguments
 
@@ -38,16 +38,22 @@ class ToolLimits:
         max_prompts: prompts per segment call.
         max_file_mb: size of a scan file, a zip's unpacked content, or a DICOM folder (MB).
         max_files: files in a DICOM folder.
-        max_voxels: voxels of a NIfTI scan (read from its header).
-        timeout_s: wall-clock seconds for one segment call; a call that runs longer is
-            answered with an error (its computation finishes in the background and is
-            discarded; further segment calls are refused as busy until it has).
+        max_voxels: voxels of a NIfTI scan as stored AND on the model's grid (both read from
+            its header: a small file with huge voxel sizes, or a model with a fine spacing,
+            must not pass because the stored grid is small).
+        max_memory_gb: estimated peak memory of one segment call
+            (:func:`unisegtext.resources.estimate_run_memory`; None = the default limit).
+        timeout_s: wall-clock seconds for one segment call, input checks included; a call
+            that runs longer is answered with an error (its computation finishes in the
+            background and is discarded; further segment calls are refused as busy until it
+            has).
     """
 
     max_prompts: int = DEFAULT_MAX_PROMPTS
     max_file_mb: float = 2048.0
     max_files: int = 5000
     max_voxels: int = 512 * 512 * 2000
+    max_memory_gb: float | None = None
     timeout_s: float = 600.0
 
 
@@ -87,6 +93,7 @@ class ToolHandler:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="unisegtext-tool")
         self._running: concurrent.futures.Future | None = None
         self._lock = threading.Lock()
+        self._timed_out = False
         self._net: Any = None
 
     # ------------------------------------------------------------------ dispatch
@@ -120,20 +127,42 @@ class ToolHandler:
 
     # ------------------------------------------------------------------ tools
     def _segment(self, args: dict[str, Any]) -> dict[str, Any]:
-        prompts = [p.strip() for p in args["prompts"]]
+        from unisegtext.inference.prompts import check_prompts
+
+        prompts = check_prompts(list(args["prompts"]))
         if len(prompts) > self.limits.max_prompts:
             raise ToolInputError(
                 f"{len(prompts)} prompts is more than this tool's limit of {self.limits.max_prompts}; "
                 "split the request into several calls"
             )
-        if len(set(prompts)) != len(prompts):
-            raise PromptError("the prompts contain duplicates; each prompt names one mask")
-        scan = confine(self.allowed_root, args["scan"])
+        with self._lock:
+            if self._running is not None and not self._running.done():
+                why = " (it ran past the time limit)" if self._timed_out else ""
+                raise ToolRefusal(f"a previous segmentation is still running{why}; try again later")
+            self._timed_out = False
+            # input checks run in the worker too, so the time limit bounds them as well
+            future = self._executor.submit(self._checked_segment, args["scan"], prompts, args)
+            self._running = future
+        try:
+            return future.result(timeout=self.limits.timeout_s)
+        except concurrent.futures.TimeoutError:
+            self._timed_out = True
+            raise ToolRefusal(
+                f"segmentation did not finish within {self.limits.timeout_s:g} s; use fewer prompts "
+                "or a smaller scan"
+            ) from None
+
+    def _checked_segment(self, given: str, prompts: list[str], args: dict[str, Any]) -> dict[str, Any]:
+        scan = confine(self.allowed_root, given)
         max_bytes = int(self.limits.max_file_mb * 2**20)
         if scan.is_dir():
             check_tree(self.allowed_root, scan, max_files=self.limits.max_files, max_bytes=max_bytes)
+        elif not scan.is_file():
+            raise ToolInputError(f"{given!r} is not a regular file or folder (a pipe, device or socket)")
         else:
-            check_file(scan, max_bytes=max_bytes, max_voxels=self.limits.max_voxels)
+            spacing = tuple(self._model().config.preprocessing.spacing_mm)
+            check_file(scan, max_bytes=max_bytes, max_voxels=self.limits.max_voxels, model_spacing_mm=spacing,
+                       max_memory_gb=self.limits.max_memory_gb, n_prompts=len(prompts))
         if args.get("output_type") == "dicom-seg":  # refuse before any computation
             from unisegtext.io.dicom_seg import DicomSegError, check_prompts_codable
             from unisegtext.io.nifti import is_nifti
@@ -144,18 +173,7 @@ class ToolHandler:
                     "a NIfTI file: a SEG must reference the images it segments. Use output_type 'nifti'"
                 )
             check_prompts_codable(prompts)
-        with self._lock:
-            if self._running is not None and not self._running.done():
-                raise ToolRefusal("a previous segmentation is still running (it timed out); try again later")
-            future = self._executor.submit(self._run_segment, scan, prompts, args)
-            self._running = future
-        try:
-            return future.result(timeout=self.limits.timeout_s)
-        except concurrent.futures.TimeoutError:
-            raise ToolRefusal(
-                f"segmentation did not finish within {self.limits.timeout_s:g} s; use fewer prompts "
-                "or a smaller scan"
-            ) from None
+        return self._run_segment(scan, prompts, args)
 
     def _run_segment(self, scan: Path, prompts: list[str], args: dict[str, Any]) -> dict[str, Any]:
         from unisegtext.inference import segment
@@ -170,17 +188,20 @@ class ToolHandler:
             open_vocabulary=bool(args.get("open_vocabulary", False)),
             device=self.device,
             progress=False,
+            max_memory_gb=self.limits.max_memory_gb,
         )
         out_dir = self._output_dir(scan)
         files = result.save(
             out_dir,
             multilabel=output_type == "nifti-multilabel",
             output_type="dicom-seg" if output_type == "dicom-seg" else "nifti",
+            statistics=True,
+            preview=bool(args.get("preview")),
         )
-        statistics_file = result.write_statistics(out_dir / "statistics.json")
-        preview_file = result.write_preview(out_dir / "preview.png") if args.get("preview") else None
+        statistics_file = out_dir / "statistics.json"
+        preview_file = out_dir / "preview.png" if args.get("preview") else None
         statistics = result.statistics()
-        mask_files = _mask_files(result.prompts, files, output_type)
+        mask_files = _mask_files(result.prompts, [f.relative_to(self.output_root) for f in files], output_type)
         answers = []
         for prompt in result.prompts:
             r = result.resolutions[prompt]
@@ -201,18 +222,26 @@ class ToolHandler:
                 "warnings": list(r.warnings),
             })
         volume = result.volume
+
+        def shown(path: Path) -> str:  # never an absolute server path: relative to the output root
+            return str(path.relative_to(self.output_root))
+
+        skip = {"prompts.json", "statistics.json", "preview.png", "manifest.json"}
         return {
             "scan": str(scan.relative_to(self.allowed_root)),
-            "modality": volume.modality or volume.guessed_modality(),
+            "modality": result.modality,
+            "modality_decided_by": result.modality_source,
             "shape": list(volume.shape),
             "spacing_mm": _round(list(volume.spacing)),
             "coordinates": "RAS+ mm (+x right, +y anterior, +z superior)",
             "results": answers,
-            "output_dir": str(out_dir),
+            "paths_relative_to": "the server's output folder",
+            "output_dir": shown(out_dir),
             "files": {
-                "outputs": sorted({str(f) for f in files if f.name != "prompts.json"}),
-                "statistics": str(statistics_file),
-                **({"preview": str(preview_file)} if preview_file else {}),
+                "outputs": sorted({shown(f) for f in files if f.name not in skip}),
+                "statistics": shown(statistics_file),
+                "manifest": shown(out_dir / "manifest.json"),
+                **({"preview": shown(preview_file)} if preview_file else {}),
             },
             "model": {"name": result.model.get("name"), "weights_sha256": result.model.get("weights_sha256")},
             "seconds": round(float(result.timings.get("total", 0.0)), 2),

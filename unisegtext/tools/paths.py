@@ -79,12 +79,18 @@ def check_tree(root: str | os.PathLike, folder: Path, *, max_files: int, max_byt
                 )
 
 
-def check_file(path: Path, *, max_bytes: int, max_voxels: int) -> None:
-    """Check a scan file's size (and a zip's uncompressed size, a NIfTI's voxel count).
+def check_file(path: Path, *, max_bytes: int, max_voxels: int, model_spacing_mm: tuple[float, ...] | None = None,
+               max_memory_gb: float | None = None, n_prompts: int = 1) -> None:
+    """Check a scan file before it is read: its size (and a zip's uncompressed size); for a
+    NIfTI, its voxel count as stored and on the model's grid, and the estimated memory of the
+    run (all from the header).
 
     Raises:
-        ToolInputError: too large, or not a readable zip.
+        ToolInputError: not a regular file, too large, or not a readable zip.
+        ResourceLimitError: the run would need more memory than allowed.
     """
+    if not path.is_file():
+        raise ToolInputError(f"{path.name} is not a regular file (a pipe, device or socket cannot be read)")
     size = path.stat().st_size
     if size > max_bytes:
         raise ToolInputError(
@@ -106,7 +112,9 @@ def check_file(path: Path, *, max_bytes: int, max_voxels: int) -> None:
         import nibabel as nib
 
         try:
-            shape = nib.load(str(path)).shape  # header only
+            header = nib.load(str(path)).header  # header only
+            shape = tuple(int(s) for s in header.get_data_shape())[:3]
+            zooms = tuple(float(z) for z in header.get_zooms())[:3]
         except Exception:  # unreadable: the reader reports it properly later
             return
         voxels = 1
@@ -114,6 +122,20 @@ def check_file(path: Path, *, max_bytes: int, max_voxels: int) -> None:
             voxels *= int(s)
         if voxels > max_voxels:
             raise ToolInputError(f"{path.name} has {voxels:,} voxels {tuple(shape)}, more than the limit of {max_voxels:,}")
+        if model_spacing_mm is not None and len(zooms) == 3 and all(z > 0 for z in zooms):
+            from unisegtext.resources import check_memory, estimate_run_memory, model_grid_shape
+
+            grid = model_grid_shape(shape, zooms, model_spacing_mm)
+            on_grid = 1
+            for s in grid:
+                on_grid *= s
+            if on_grid > max_voxels:
+                raise ToolInputError(
+                    f"{path.name} would have {on_grid:,} voxels on the model's {tuple(model_spacing_mm)} mm grid "
+                    f"(its voxel size is {tuple(round(z, 3) for z in zooms)} mm), more than the limit of {max_voxels:,}"
+                )
+            estimate = estimate_run_memory(shape, zooms, model_spacing_mm, n_prompts, n_prompts)
+            check_memory(estimate, max_memory_gb, f"segmenting {path.name}")
 
 
 def _inside(path: Path, root: Path) -> bool:
