@@ -17,6 +17,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "segment": "unisegtext.inference",
     "segment_many": "unisegtext.inference",
+    "batch": "unisegtext.cohort",
+    "read_manifest": "unisegtext.cohort",
     "SegmentationResult": "unisegtext.inference",
     "PromptResolution": "unisegtext.inference",
     "UniSegText": "unisegtext.models",
@@ -34,6 +36,7 @@ _LAZY = {
     "ModelLoadError": "unisegtext.errors",
     "ConfigError": "unisegtext.errors",
     "DataError": "unisegtext.errors",
+    "ManifestError": "unisegtext.errors",
 }
 
 __all__ = ["__version__", *_LAZY]

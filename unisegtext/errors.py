@@ -51,6 +51,34 @@ class DataError(UniSegError, ValueError):
     """A dataset descriptor or local dataset copy is invalid."""
 
 
+class BackendError(UniSegError, ValueError):
+    """A model backend is unknown, cannot answer a request, or its weights are unusable.
+
+    Attributes:
+        suggestions: close backend names or concept ids, best first ("did you mean").
+    """
+
+    def __init__(self, message: str, *, suggestions: Sequence[str] = ()):
+        super().__init__(message)
+        self.suggestions = list(suggestions)
+
+
+class UnsafeCheckpointError(ModelLoadError):
+    """A foreign checkpoint holds more than tensors and plain values (a pickle that could run code)."""
+
+
+class ManifestError(UniSegError, ValueError):
+    """A cohort manifest (``unisegtext batch``) has problems; all of them are listed at once.
+
+    Attributes:
+        problems: one line per problem, each naming the manifest line(s) it concerns.
+    """
+
+    def __init__(self, message: str, *, problems: Sequence[str] = ()):
+        super().__init__(message)
+        self.problems = list(problems)
+
+
 def did_you_mean(name: str, choices: Sequence[str], n: int = 3) -> str:
     """Return a ' Did you mean: a, b?' suffix for an unknown registered name."""
     import difflib

@@ -26,9 +26,33 @@ def versions() -> dict[str, str]:
     return out
 
 
+def describe_backends(model) -> dict:
+    """`info` for backend names ("totalsegmentator:total", "auto", a list): source, version,
+    licence and contract of each, without loading any weights."""
+    from unisegtext.backends import get_backend
+    from unisegtext.inference.routing import NATIVE, _backend_name, _candidates, routing_table
+
+    names = []
+    for modality in ("CT", "MR"):
+        names += [n for n in _candidates(model, modality) if n not in names]
+    backends = {}
+    for spec in names:
+        if _backend_name(spec) == NATIVE:
+            backends[str(spec)] = {"name": NATIVE, "licence": "Apache-2.0", "source": str(spec)}
+            continue
+        backend = get_backend(spec)
+        info = backend.describe()
+        ready = getattr(backend, "weights_ready", None)
+        info["weights_installed"] = bool(ready()) if ready is not None else True
+        backends[spec] = info
+    return {"name": model if isinstance(model, str) else list(model), "backends": backends,
+            **({"routing": routing_table()} if model == "auto" else {})}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from unisegtext.inference.routing import is_routed
     from unisegtext.models import UniSegText, builtin_checkpoints, describe
 
     info = {
@@ -36,6 +60,20 @@ def run(args: argparse.Namespace) -> int:
         "cuda": torch.cuda.is_available(),
         "builtin_models": sorted(builtin_checkpoints()),
     }
+    if args.model and is_routed(args.model):
+        info["model"] = describe_backends(args.model)
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        for name, b in info["model"]["backends"].items():
+            print(f"model            {name}")
+            print(f"  source         {b.get('source')}")
+            print(f"  version        {b.get('version', '-')}")
+            print(f"  licence        {b.get('licence')}")
+            if "n_concepts" in b:
+                print(f"  concepts       {b['n_concepts']} (modality {', '.join(b.get('modalities', []))})")
+                print(f"  weights        {'installed' if b.get('weights_installed') else 'not installed (see README: TotalSegmentator weights)'}")
+        return 0
     info["model"] = describe(UniSegText.from_pretrained(args.model))
     if args.json:
         print(json.dumps(info, indent=2))

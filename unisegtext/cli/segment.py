@@ -21,7 +21,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("-p", "--prompt", action="append", nargs="+", default=[], metavar="TEXT",
                    help="a structure to segment (repeat: -p liver -p 'kidney tumor')")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
-    p.add_argument("--model", default=None, help="checkpoint folder, Hub repo id, or built-in name (default: unisegtext-nano)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder, Hub repo id or built-in name (default: unisegtext-nano); or a backend: "
+                        "totalsegmentator:total, totalsegmentator:total_fast, totalsegmentator:total_mr, or auto "
+                        "(each prompt to the best installed model that knows it)")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="for a backend model: its weights (a TotalSegmentator release zip, results folder or "
+                        "converted folder); default: the cache, see README")
     p.add_argument("--ml", "--multilabel", dest="multilabel", action="store_true",
                    help="write one multilabel NIfTI + labels.json instead of one file per prompt")
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"], help="default: cuda if available")
@@ -57,6 +63,19 @@ def collect_prompts(args: argparse.Namespace) -> list[str]:
         lines = Path(args.prompts_file).read_text().splitlines()
         prompts += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     return prompts
+
+
+def _backend_options(args: argparse.Namespace) -> dict:
+    """``backend_options`` for segment(): --weights goes to the named backend model."""
+    if not args.weights:
+        return {}
+    from unisegtext.errors import UniSegError
+    from unisegtext.inference.routing import is_routed
+
+    if not (args.model and is_routed(args.model) and args.model != "auto"):
+        raise UniSegError("--weights is for a backend model (e.g. --model totalsegmentator:total); a UniSegText "
+                          "checkpoint is named by --model itself")
+    return {"backend_options": {args.model: {"weights": args.weights}}}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
             channel=args.channel,
             series_uid=args.series if not args.output_type == "dicom-seg" else None,
             max_memory_gb=args.max_memory,
+            **_backend_options(args),
         )
         files = result.save(args.output, multilabel=args.multilabel, probabilities=args.probabilities,
                             output_type=args.output_type, dicom_generic_codes=args.dicom_generic_codes,

@@ -52,19 +52,43 @@ def check_prompts(prompts: Sequence[str] | str) -> list[str]:
 
 
 def _members(tree, concept, trained: list[str]) -> list[str]:
-    """The trained concepts that answer `concept`. A concept defined as a union ("kidney" =
-    left + right kidney) is answered by its trained members whenever every member has one,
-    even if the model also learned the group itself, so that "kidney" is always exactly the
-    union of "left kidney" and "right kidney"; otherwise the concept itself when trained;
-    otherwise its trained parts."""
+    """The trained concepts that answer `concept`, or [] when they do not cover all of it.
+
+    A concept defined as a union ("kidney" = left + right kidney, "lung" = left + right lung =
+    the five lobes) is answered by its trained members whenever every member is covered, even
+    if the model also learned the group itself, so that "kidney" is always exactly the union
+    of "left kidney" and "right kidney"; otherwise the concept itself when trained. Some of a
+    structure's parts never answer for the whole ("heart" is not its left atrium): that is
+    refused, naming the parts.
+    """
     if not trained:
         return [concept.id]
     others = [c for c in trained if c != concept.id]
-    if concept.union_of and all(tree.expand_union(m, others) for m in concept.union_of):
-        return tree.expand_union(concept.id, others)
+    cover = union_cover(tree, concept.id, set(others))
+    if concept.union_of and cover:
+        return cover
     if concept.id in trained:
         return [concept.id]
-    return tree.expand_union(concept.id, trained)
+    return []
+
+
+def union_cover(tree, concept_id: str, available: set[str], _seen: frozenset[str] = frozenset()) -> list[str]:
+    """Concepts of `available` whose union is exactly `concept_id`, following explicit
+    ``union_of`` definitions only (recursively); [] when some member has no cover."""
+    if concept_id in available:
+        return [concept_id]
+    if concept_id in _seen or concept_id not in tree:
+        return []
+    members = tree.get(concept_id).union_of
+    if not members:
+        return []
+    out: list[str] = []
+    for member in members:
+        part = union_cover(tree, member, available, _seen | {concept_id})
+        if not part:
+            return []
+        out += [m for m in part if m not in out]
+    return out
 
 
 def resolve_prompts(
@@ -126,7 +150,7 @@ def resolve_prompts(
                 near = [c for c in trained if c in set(tree.descendants(concept.id)) | set(tree.ancestors(concept.id))][:5]
                 raise UnknownConceptError(
                     f"prompt {prompt!r} resolved to {concept.name!r} ({concept.id}), which this model was "
-                    f"not trained on, and none of its parts are.{' Related trained concepts: ' + ', '.join(near) + '.' if near else ''} "
+                    f"not trained on, nor on every member of it.{' Related trained concepts (ask for them by name): ' + ', '.join(near) + '.' if near else ''} "
                     "Pass open_vocabulary=True to query it anyway (an untrained concept is a guess), or "
                     "`unisegtext info` to list what the model knows.",
                     query=prompt,

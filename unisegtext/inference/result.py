@@ -33,6 +33,8 @@ class PromptResolution:
             concept ("kidney" -> kidney_left + kidney_right); empty when queried directly.
         text: the text(s) given to the text encoder.
         warnings: anything the user should know (guesses, unions, untrained concepts).
+        answered_by: the model that answered it (routing over several backends), or None
+            for a single UniSegText model.
     """
 
     prompt: str
@@ -43,6 +45,7 @@ class PromptResolution:
     union_of: list[str] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    answered_by: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -200,6 +200,7 @@ def segment(
     max_prompts_per_pass: int | None = None,
     max_memory_gb: float | None = None,
     series_uid: str | None = None,
+    backend_options: dict[str, dict[str, Any]] | None = None,
 ) -> SegmentationResult:
     """Segment the structures named by `prompts` in a 3D CT or MR scan.
 
@@ -208,7 +209,11 @@ def segment(
             or numpy array (with `affine`).
         prompts: anatomical terms ("liver", "R kidney", "kidney tumor", "L1").
         model: a :class:`UniSegText`, a checkpoint folder, a Hub repo id, or None for the
-            built-in default (`unisegtext-nano`).
+            built-in default (`unisegtext-nano`); or a backend name
+            ("totalsegmentator:total", "totalsegmentator:total_fast",
+            "totalsegmentator:total_mr"), "auto" (each prompt to the first installed model
+            of ``unisegtext/backends/routing.json`` that knows it), or a list of these in
+            order of preference (see :mod:`unisegtext.inference.routing`).
         affine: (4, 4) voxel -> RAS mm matrix when `volume` is an array.
         modality: "CT" or "MR" (default: from DICOM, else guessed from intensities).
         device: "cpu", "cuda" or None (CUDA when available).
@@ -225,10 +230,13 @@ def segment(
             the machine's RAM, or ``UNISEGTEXT_MAX_MEMORY_GB``); the estimate is made from the
             header, before anything large is allocated.
         series_uid: for a DICOM folder or zip with several series, which one.
+        backend_options: per backend name, options such as the weights' location:
+            ``{"totalsegmentator:total": {"weights": "Dataset291_...zip"}}``.
 
     Returns:
         A :class:`SegmentationResult` with one bool mask per prompt on the input grid.
     """
+    from unisegtext.inference.routing import is_routed, segment_routed
     from unisegtext.resources import (
         check_memory,
         check_overlap,
@@ -236,6 +244,12 @@ def segment(
         model_grid_shape,
     )
 
+    if is_routed(model):  # backend names, "auto" or a list: the routing table decides per prompt
+        return segment_routed(volume, prompts, model, modality=modality, device=device, threshold=threshold,
+                              max_memory_gb=max_memory_gb, series_uid=series_uid, channel=channel, affine=affine,
+                              progress=progress, overlap=overlap, open_vocabulary=open_vocabulary,
+                              sw_batch_size=sw_batch_size, max_prompts_per_pass=max_prompts_per_pass,
+                              backend_options=backend_options)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     prompts = check_prompts(prompts)

@@ -160,7 +160,7 @@ class ToolHandler:
         elif not scan.is_file():
             raise ToolInputError(f"{given!r} is not a regular file or folder (a pipe, device or socket)")
         else:
-            spacing = tuple(self._model().config.preprocessing.spacing_mm)
+            spacing = self._spacing()
             check_file(scan, max_bytes=max_bytes, max_voxels=self.limits.max_voxels, model_spacing_mm=spacing,
                        max_memory_gb=self.limits.max_memory_gb, n_prompts=len(prompts))
         if args.get("output_type") == "dicom-seg":  # refuse before any computation
@@ -182,7 +182,7 @@ class ToolHandler:
         result = segment(
             scan,
             prompts,
-            model=self._model(),
+            model=self.model if self._routed() else self._model(),
             modality=args.get("modality"),
             threshold=args.get("threshold"),
             open_vocabulary=bool(args.get("open_vocabulary", False)),
@@ -263,9 +263,8 @@ class ToolHandler:
             "confidence": round(float(resolution.confidence), 3),
             "candidates": candidates,
         }
-        config = self._model().config
         try:
-            model_view = resolve_prompts([text], config.concepts, config.text.template, tree=tree)[0]
+            model_view = resolve_prompts([text], self._concepts(), tree=tree)[0]
         except UnknownConceptError as exc:
             answer["segmentable"] = False
             answer["reason"] = str(exc)
@@ -285,7 +284,7 @@ class ToolHandler:
         systems = sorted({c.system for c in tree})
         if system is not None and system not in systems:
             raise ToolRefusal(f"unknown body system {system!r}", suggestions=systems)
-        trained = set(self._model().config.concepts)
+        trained = set(self._concepts())
         if query:
             hits = [(c, s) for c, s in tree.search(query, k=max(limit * 4, 40)) if system is None or c.system == system]
             items = [dict(_concept_item(c, tree, trained), score=round(float(s), 3)) for c, s in hits[:limit]]
@@ -293,7 +292,9 @@ class ToolHandler:
         else:
             pool = [c for c in tree if (system is None or c.system == system)]
             if trained:  # what the model can answer: trained concepts and unions of them
-                pool = [c for c in pool if c.id in trained or tree.expand_union(c.id, trained)]
+                from unisegtext.inference.prompts import union_cover
+
+                pool = [c for c in pool if c.id in trained or union_cover(tree, c.id, trained)]
             items = [_concept_item(c, tree, trained) for c in sorted(pool, key=lambda c: c.id)[:limit]]
             total = len(pool)
         return {"concepts": items, "total": total, "truncated": total > len(items),
@@ -303,7 +304,13 @@ class ToolHandler:
     def _describe_model(self, args: dict[str, Any]) -> dict[str, Any]:
         from unisegtext.models import describe
 
-        info = describe(self._model())
+        if self._routed():
+            from unisegtext.cli.info import describe_backends
+
+            info = describe_backends(self.model)
+            info["trained_concepts"] = self._concepts()
+        else:
+            info = describe(self._model())
         trained = info.pop("trained_concepts")
         info.pop("parameters", None)
         info["trained_concepts_count"] = len(trained)
@@ -316,6 +323,34 @@ class ToolHandler:
         return info
 
     # ------------------------------------------------------------------ helpers
+    def _routed(self) -> bool:
+        from unisegtext.inference.routing import is_routed
+
+        return is_routed(self.model)
+
+    def _concepts(self) -> list[str]:
+        """What the configured model(s) can answer (for a routed configuration: the union)."""
+        if not self._routed():
+            return list(self._model().config.concepts)
+        from unisegtext.backends import get_backend
+        from unisegtext.inference.routing import NATIVE, _backend_name, _candidates
+
+        names = []
+        for modality in ("CT", "MR"):
+            names += [n for n in _candidates(self.model, modality) if n not in names]
+        out: list[str] = []
+        for spec in names:
+            known = (self._model().config.concepts if _backend_name(spec) == NATIVE and spec == NATIVE
+                     else get_backend(spec).concepts() if _backend_name(spec) != NATIVE else [])
+            out += [c for c in known if c not in out]
+        return out
+
+    def _spacing(self) -> tuple[float, ...]:
+        """The finest grid any configured model resamples to (for the voxel-count check)."""
+        if not self._routed():
+            return tuple(self._model().config.preprocessing.spacing_mm)
+        return (1.5, 1.5, 1.5)
+
     def _model(self) -> Any:
         if self._net is None:
             from unisegtext.inference.segment import load_model, pick_device
@@ -398,7 +433,9 @@ def _round(values: Any, digits: int = 1) -> Any:
 
 
 def _concept_item(concept: Any, tree: Any, trained: set[str]) -> dict[str, Any]:
-    segmentable = not trained or concept.id in trained or bool(tree.expand_union(concept.id, trained))
+    from unisegtext.inference.prompts import union_cover
+
+    segmentable = not trained or concept.id in trained or bool(union_cover(tree, concept.id, set(trained)))
     return {"id": concept.id, "name": concept.name, "system": concept.system, "segmentable": segmentable}
 
 
