@@ -25,7 +25,9 @@ def test_segment_multilabel_on_input_grid(ct_path, tiny_model_dir, tmp_path, cap
     assert int(seg.header["sform_code"]) == int(ref.header["sform_code"])
     assert int(seg.header["qform_code"]) == int(ref.header["qform_code"])
     labels = json.loads((out / "labels.json").read_text())
-    assert labels == {"0": "background", "1": "liver", "2": "spleen"}
+    assert labels["labels"] == {"0": "background", "1": "liver", "2": "spleen"}
+    assert set(labels["prompts"]) == {"liver", "spleen"} and labels["prompts"]["spleen"]["label"] == 2
+    assert all(isinstance(v["present"], bool) and 0 <= v["presence_probability"] <= 1 for v in labels["prompts"].values())
 
 
 @pytest.mark.parametrize(

@@ -139,7 +139,9 @@ def test_save_per_prompt_and_multilabel(ct_path, tiny_model, tmp_path):
     import json
 
     labels = json.loads((tmp_path / "ml" / "labels.json").read_text())
-    assert labels == {"0": "background", "1": "liver", "2": "spleen"}
+    assert labels["labels"] == {"0": "background", "1": "liver", "2": "spleen"}
+    assert set(labels["prompts"]) == {"liver", "spleen"} and labels["prompts"]["spleen"]["label"] == 2
+    assert all(isinstance(v["present"], bool) and 0 <= v["presence_probability"] <= 1 for v in labels["prompts"].values())
     data = np.asarray(seg.dataobj)
     assert set(np.unique(data)) <= {0, 1, 2}
     only_liver = result.masks["liver"] & ~result.masks["spleen"]

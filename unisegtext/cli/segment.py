@@ -60,7 +60,13 @@ def add_parser(subparsers) -> None:
 def collect_prompts(args: argparse.Namespace) -> list[str]:
     prompts = [text for group in args.prompt for text in group]
     if args.prompts_file:
-        lines = Path(args.prompts_file).read_text().splitlines()
+        from unisegtext.errors import PromptError
+
+        path = Path(args.prompts_file)
+        if not path.is_file():  # a FIFO would block and /dev/zero never end
+            raise PromptError(f"--prompts-file {path} is not a regular file (missing, a folder, pipe or device); "
+                              "pass a text file with one prompt per line")
+        lines = path.read_text(errors="replace").splitlines()
         prompts += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     return prompts
 
@@ -137,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
                 "concept": r.concept_id,
                 "how": r.how,
                 "volume_ml": round(result.volumes_ml[prompt], 2),
+                "present": bool(result.present.get(prompt, True)),
+                "presence_probability": round(float(result.presence.get(prompt, 1.0)), 3),
                 **({"union_of": r.union_of} if r.union_of else {}),
             }
             for prompt, r in result.resolutions.items()
@@ -144,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"output": [str(f) for f in files], "prompts": summary,
                           "modality": {"value": result.modality, "how": result.modality_source},
                           "seconds": round(result.timings["total"], 2)}, indent=2))
+        if result.absent:
+            print(f"absent: {', '.join(result.absent)}")
     return 0
 
 

@@ -112,6 +112,8 @@ def build_report(
                 "warnings": list(r.warnings),
                 "volume_ml": result.volumes_ml.get(prompt),
                 "mean_probability": result.scores.get(prompt),
+                "present": result.present.get(prompt),
+                "presence_probability": result.presence.get(prompt),
             }
             for prompt, r in result.resolutions.items()
         },

@@ -65,6 +65,8 @@ class SegmentationResult:
         model: a short description of the model that produced it.
         modality: "CT" or "MR" as used for normalisation.
         modality_source: how it was decided: "given", "dicom" or "guessed".
+        presence: prompt -> probability (0..1) that the structure is in the scan at all.
+        present: prompt -> the decision; an absent prompt has an empty mask.
     """
 
     masks: dict[str, np.ndarray]
@@ -76,6 +78,18 @@ class SegmentationResult:
     model: dict[str, Any] = field(default_factory=dict)
     modality: str | None = None
     modality_source: str | None = None
+    presence: dict[str, float] = field(default_factory=dict)
+    present: dict[str, bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for prompt, mask in self.masks.items():  # results made without a presence decision
+            self.present.setdefault(prompt, bool(np.any(mask)))
+            self.presence.setdefault(prompt, 1.0 if self.present[prompt] else 0.0)
+
+    @property
+    def absent(self) -> list[str]:
+        """Prompts decided absent from the scan (their masks are empty)."""
+        return [p for p in self.prompts if not self.present.get(p, True)]
 
     @property
     def prompts(self) -> list[str]:
@@ -190,7 +204,13 @@ class SegmentationResult:
         elif multilabel:
             labels, values = self.label_map()
             written.append(save_nifti_atomic(image_like(labels, self.volume), folder / "segmentation.nii.gz"))
-            label_json = {"0": "background"} | {str(k): v for k, v in values.items()}
+            label_json = {
+                "labels": {"0": "background"} | {str(k): v for k, v in values.items()},
+                "prompts": {p: {"label": k, "concept_id": self.resolutions[p].concept_id if p in self.resolutions else None,
+                                "present": bool(self.present.get(p, True)),
+                                "presence_probability": round(float(self.presence.get(p, 1.0)), 4)}
+                            for k, p in values.items()},
+            }
             written.append(_write_json(folder / "labels.json", label_json))
         else:
             for prompt, name in names.items():
@@ -207,6 +227,8 @@ class SegmentationResult:
             "files": {p: f"{names[p]}.nii.gz" for p in self.prompts} if output_type == "nifti" and not multilabel else {},
             "volumes_ml": self.volumes_ml,
             "scores": self.scores,
+            "present": self.present,
+            "presence_probability": self.presence,
             "model": self.model,
             "modality": {"value": self.modality, "how": self.modality_source},
         }
@@ -278,6 +300,8 @@ class SegmentationResult:
             "prompts": {p: r.to_dict() for p, r in self.resolutions.items()},
             "volumes_ml": self.volumes_ml,
             "scores": self.scores,
+            "present": self.present,
+            "presence_probability": self.presence,
             "timings": self.timings,
             "model": self.model,
             "modality": {"value": self.modality, "how": self.modality_source},

@@ -19,6 +19,7 @@ import torch
 
 from unisegtext.errors import UniSegError
 from unisegtext.inference.postprocessing import restore_mask
+from unisegtext.inference.presence import decide, presence_features, presence_probability
 from unisegtext.inference.preprocessing import PreparedVolume, preprocess, restore
 from unisegtext.inference.prompts import check_prompts, resolve_prompts
 from unisegtext.inference.result import SegmentationResult
@@ -64,6 +65,7 @@ def predict_probabilities(
     blend_mode: str = "gaussian",
     progress: bool = False,
     autocast_dtype: torch.dtype | None | str = "auto",
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Sliding-window probabilities (P, X', Y', Z') in model space.
 
@@ -91,7 +93,7 @@ def predict_probabilities(
         with autocast:
             features = model.encode_image(window)
             chunks = [
-                torch.sigmoid(model.decode(features, text_embeddings[i : i + max_prompts_per_pass]).float())
+                torch.sigmoid(model.decode(features, text_embeddings[i : i + max_prompts_per_pass]).float() / temperature)
                 for i in range(0, text_embeddings.shape[0], max_prompts_per_pass)
             ]
         return torch.cat(chunks, dim=1)
@@ -302,30 +304,55 @@ def segment(
         max_prompts_per_pass=max_prompts_per_pass or cfg.inference.max_prompts_per_pass,
         blend_mode=cfg.inference.blend_mode,
         progress=progress,
+        temperature=cfg.inference.temperature,
     )
     timings["inference"] = time.perf_counter() - t
 
     t = time.perf_counter()
     probabilities = postprocess_probabilities(probabilities, texts, resolutions, cfg, threshold)
     index = {text: i for i, text in enumerate(texts)}
+    voxel_ml = float(np.prod(cfg.preprocessing.spacing_mm)) / 1000.0
+    presence_model = cfg.inference.presence or None
+    text_presence: dict[str, tuple[float, bool]] = {}
+    for text, i in index.items():
+        features = presence_features(probabilities[i], threshold, voxel_ml)
+        probability = presence_probability(features, presence_model)
+        text_presence[text] = (probability, decide(probability, features, presence_model))
     masks: dict[str, np.ndarray] = {}
     probs_out: dict[str, np.ndarray] | None = {} if return_probabilities else None
     scores: dict[str, float] = {}
+    presence: dict[str, float] = {}
+    present: dict[str, bool] = {}
     for r in resolutions:
+        # a union is present when any member is; its mask is the union of its present members
+        kept = [text for text in r.text if text_presence[text][1]]
+        presence[r.prompt] = max(text_presence[text][0] for text in r.text)
+        present[r.prompt] = bool(kept)
         # a union prompt's probability is the voxel-wise max of its members (trilinear
         # resampling and the max commute with thresholding only this way round: max first in
         # model space would differ), so its mask is exactly the union of the members' masks
         members = probabilities[[index[text] for text in r.text]]
         if probs_out is not None:
             prob = restore(members, prepared).max(axis=0)
-            mask = prob > threshold
-            scores[r.prompt] = float(prob[mask].mean()) if mask.any() else 0.0
             probs_out[r.prompt] = prob.astype(np.float32)
-        else:
-            parts = [restore_mask(member, prepared, threshold) for member in members]
+            if kept:
+                prob = restore(probabilities[[index[text] for text in kept]], prepared).max(axis=0)
+                mask = prob > threshold
+            else:
+                mask = np.zeros(vol.shape, dtype=bool)
+            scores[r.prompt] = float(prob[mask].mean()) if mask.any() else 0.0
+        elif kept:
+            parts = [restore_mask(probabilities[index[text]], prepared, threshold) for text in kept]
             mask = np.logical_or.reduce([m for m, _ in parts]) if len(parts) > 1 else parts[0][0]
             scores[r.prompt] = max(score for _, score in parts)
+        else:
+            mask = np.zeros(vol.shape, dtype=bool)
+            scores[r.prompt] = 0.0
         masks[r.prompt] = mask
+        present[r.prompt] = present[r.prompt] and bool(mask.any())  # "present" always has voxels
+    absent = [p for p, v in present.items() if not v]
+    if absent:
+        logger.info("absent from the scan (empty masks): %s", ", ".join(absent))
     timings["postprocess"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return SegmentationResult(
@@ -339,6 +366,8 @@ def segment(
                "preset": cfg.preset, "head": cfg.decoder.head, "device": str(dev)},
         modality=chosen_modality,
         modality_source=modality_source,
+        presence=presence,
+        present=present,
     )
 
 

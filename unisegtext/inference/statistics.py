@@ -110,6 +110,8 @@ def result_statistics(result: SegmentationResult, prompts: list[str] | None = No
         }
         entry.update(mask_statistics(result.masks[prompt], result.volume))
         entry["mean_probability"] = float(result.scores.get(prompt, 0.0)) if entry["present"] else None
+        entry["present"] = bool(result.present.get(prompt, entry["present"])) and entry["present"]
+        entry["presence_probability"] = round(float(result.presence.get(prompt, 1.0 if entry["present"] else 0.0)), 4)
         out[prompt] = entry
     return out
 

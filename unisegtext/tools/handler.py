@@ -103,6 +103,18 @@ class ToolHandler:
         Returns:
             The tool's JSON-able answer, or ``{"error", "error_type", "suggestions"}``.
         """
+        answer = self._answer(name, arguments)
+        if "error" in answer:  # readers name files by absolute path; the caller knows them relative to the roots
+            answer["error"] = self._hide_roots(str(answer["error"]))
+        return answer
+
+    def _hide_roots(self, text: str) -> str:
+        for root, shown in ((self.allowed_root, "the data folder"), (self.output_root, "the output folder")):
+            if root.parent != root:  # not "/"
+                text = text.replace(f"{root}{os.sep}", "").replace(str(root), shown)
+        return text
+
+    def _answer(self, name: str, arguments: dict[str, Any] | str | None) -> dict[str, Any]:
         try:
             if name not in TOOLS:
                 raise ToolRefusal(f"unknown tool {name!r}", suggestions=sorted(TOOLS))
@@ -213,6 +225,8 @@ class ToolHandler:
                 "how": r.how,
                 **({"union_of": r.union_of} if r.union_of else {}),
                 "found": bool(s["present"]),
+                "present": bool(result.present.get(prompt, s["present"])),
+                "presence_probability": round(float(result.presence.get(prompt, 0.0)), 3),
                 "volume_ml": round(s["volume_ml"], 2),
                 "centroid_mm": _round(s["centroid_mm"]),
                 "bbox_mm": {k: _round(v) for k, v in s["bbox_mm"].items()} if s["bbox_mm"] else None,

@@ -1,0 +1,116 @@
+"""Issue 19: presence probability and decision per prompt; temperature scaling."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from unisegtext import segment
+from unisegtext.inference.presence import (
+    decide,
+    fit_presence,
+    fit_temperature,
+    presence_features,
+    presence_probability,
+)
+
+
+@pytest.fixture(scope="module")
+def absent_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny checkpoint with a presence model that calls every structure absent."""
+    from unisegtext.models import UniSegText
+
+    model = UniSegText.from_pretrained(tiny_model_dir)
+    model.config.inference.presence = {"weights": [0.0, 0.0, 0.0], "bias": -8.0, "threshold": 0.5,
+                                       "fitted_on": "test: always absent"}
+    folder = tmp_path_factory.mktemp("absent") / "tiny-absent"
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_features_and_uncalibrated_decision():
+    prob = torch.zeros(10, 10, 10)
+    features = presence_features(prob, 0.5, 8.0)
+    assert features[1] == 0.0 and features[2] == 0.0 and features[0] < -10
+    assert not decide(presence_probability(features, None), features, None)
+    prob[2:5, 2:5, 2:5] = 0.9
+    features = presence_features(prob, 0.5, 8.0)
+    assert features[1] == pytest.approx(np.log1p(27 * 8.0)) and features[2] == pytest.approx(0.9)
+    assert decide(presence_probability(features, None), features, None)
+    assert presence_probability(features, None) == pytest.approx(0.9, abs=1e-6)
+
+
+def test_fitted_presence_separates_and_temperature_recovers_a_known_scale():
+    rng = np.random.default_rng(0)
+    present = np.column_stack([rng.normal(4, 1, 50), rng.normal(5, 1, 50), rng.normal(0.9, 0.05, 50)])
+    absent = np.column_stack([rng.normal(-3, 1, 50), rng.normal(0.2, 0.3, 50), rng.normal(0.1, 0.1, 50)])
+    model = fit_presence(np.vstack([present, absent]), [True] * 50 + [False] * 50)
+    probabilities = [presence_probability(f, model) for f in np.vstack([present, absent])]
+    assert np.mean(np.array(probabilities[:50]) > 0.5) == 1.0 and np.mean(np.array(probabilities[50:]) < 0.5) == 1.0
+    # labels drawn from sigmoid(z / 2): the fitted temperature is close to 2
+    z = rng.normal(0, 4, 20000)
+    y = rng.random(20000) < 1 / (1 + np.exp(-z / 2.0))
+    assert fit_temperature(z, y) == pytest.approx(2.0, rel=0.1)
+
+
+def test_absent_prompt_is_empty_and_marked_through_the_api(ct_path, absent_model_dir):
+    result = segment(ct_path, ["liver", "kidney"], model=str(absent_model_dir), modality="CT", threshold=0.0,
+                     progress=False)
+    for prompt in ("liver", "kidney"):
+        assert result.present[prompt] is False and not result.masks[prompt].any()
+        assert 0.0 <= result.presence[prompt] < 0.01
+    assert result.absent == ["liver", "kidney"]
+    assert result.to_dict()["present"] == {"liver": False, "kidney": False}
+
+
+def test_present_needs_voxels_and_is_reported(ct_path, tiny_model_dir):
+    result = segment(ct_path, ["liver"], model=str(tiny_model_dir), modality="CT", threshold=0.0, progress=False)
+    assert result.present["liver"] is True and result.masks["liver"].any()
+    empty = segment(ct_path, ["liver"], model=str(tiny_model_dir), modality="CT", threshold=1.0, progress=False)
+    assert empty.present["liver"] is False and not empty.masks["liver"].any()
+
+
+def test_absent_prompt_through_the_cli(ct_path, absent_model_dir, tmp_path, capsys):
+    from unisegtext.cli import main
+
+    out = tmp_path / "out"
+    code = main(["segment", "-i", str(ct_path), "-o", str(out), "-p", "liver", "--model", str(absent_model_dir),
+                 "--modality", "CT", "--ml", "--statistics"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "absent: liver" in printed.splitlines()
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels["prompts"]["liver"]["present"] is False
+    statistics = json.loads((out / "statistics.json").read_text())
+    entry = statistics["structures"]["liver"]
+    assert entry["present"] is False and "presence_probability" in entry
+
+
+def test_absent_prompt_through_the_tools_and_mcp(tmp_path, absent_model_dir, ct_path):
+    import shutil
+
+    from unisegtext.tools import ToolHandler
+
+    root = tmp_path / "scans"
+    root.mkdir()
+    shutil.copy(ct_path, root / "ct.nii.gz")
+    handler = ToolHandler(root, tmp_path / "out", model=str(absent_model_dir))
+    answer = handler.handle("segment", {"scan": "ct.nii.gz", "prompts": ["liver"], "modality": "CT"})
+    assert "error" not in answer, answer
+    (result,) = answer["results"]
+    assert result["present"] is False and result["presence_probability"] < 0.01 and result["volume_ml"] == 0
+    pytest.importorskip("mcp")
+    import anyio
+    from mcp import Client
+
+    from unisegtext.cli.mcp import build_server
+
+    async def call():
+        async with Client(build_server(handler)) as client:
+            return await client.call_tool("segment", {"scan": "ct.nii.gz", "prompts": ["liver"], "modality": "CT"})
+
+    reply = anyio.run(call)
+    assert reply.structured_content["results"][0]["present"] is False
