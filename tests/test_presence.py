@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from unisegtext.inference.presence import (
     presence_features,
     presence_probability,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +117,28 @@ def test_absent_prompt_through_the_tools_and_mcp(tmp_path, absent_model_dir, ct_
 
     reply = anyio.run(call)
     assert reply.structured_content["results"][0]["present"] is False
+
+
+def test_absence_benchmark_pairs_are_built_from_validation_splits_only(shared_data):
+    """The benchmark's (scan, prompt) set: labelled structures of validation scans, and the
+    outside-field-of-view concepts of their datasets; only concepts the model was trained on."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("absence_benchmark", REPO / "eval" / "absence_benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = SimpleNamespace(config=SimpleNamespace(concepts=["gallbladder", "heart_left_atrium", "liver", "kidney"]))
+    pairs = bench.build_pairs(model, {"btcv_abdomen": shared_data / "btcv_ct", "la_mri_2018": shared_data / "la_mri"})
+    from unisegtext.data import get_descriptor
+
+    btcv_val = set(get_descriptor("btcv_abdomen").split["validation"])
+    la_val = set(get_descriptor("la_mri_2018").split["validation"])
+    assert {p["case"] for p in pairs if p["dataset"] == "btcv_abdomen"} == btcv_val
+    assert {p["case"] for p in pairs if p["dataset"] == "la_mri_2018"} == la_val
+    btcv = [(p["case"], p["concept"]) for p in pairs if p["dataset"] == "btcv_abdomen"]
+    assert len(btcv) == 2 * len(btcv_val) and ("btcv_12", "gallbladder") in btcv  # the scan without one
+    assert not any(p["concept"] == "kidney" for p in pairs)  # a union is scored through its members
+    outside = [p for p in pairs if p["kind"] == "outside_field_of_view"]
+    assert {p["concept"] for p in outside} == {"liver", "gallbladder"} and {p["dataset"] for p in outside} == {"la_mri_2018"}
+    assert bench.auroc(np.array([0.9, 0.8, 0.1, 0.8]), np.array([True, True, False, False])) == pytest.approx(0.875)

@@ -73,7 +73,8 @@ MODALITIES = ("CT", "MR", "PET", "SPECT", "US", "CBCT", "XR")
 SPLITS = ("train", "validation", "test")
 
 REQUIRED_FIELDS = ("id", "name", "modality", "body_region", "layout", "labels", "targets", "licence", "citation")
-OPTIONAL_FIELDS = ("version", "homepage", "mr_sequences", "num_cases", "sources", "split", "notes", "download")
+OPTIONAL_FIELDS = ("version", "homepage", "mr_sequences", "num_cases", "sources", "split", "notes", "download",
+                   "outside_field_of_view")
 ALL_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
 
 _SNAKE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
@@ -110,6 +111,10 @@ class Descriptor:
         targets: concept id -> label values (ints, after resolution of stems/names) whose
             union is that concept.
         split: fixed split, split name ("validation", "test", "train") -> case ids.
+        outside_field_of_view: concepts that no scan of the dataset can show (the scans are
+            cropped to another region: the left-atrium crops hold no abdominal organ). Facts
+            about the data, with a source; used for absence benchmarks, never as training
+            labels unless a config says so.
         source_path: the YAML file it was read from, when known.
     """
 
@@ -130,6 +135,7 @@ class Descriptor:
     split: dict[str, list[str]] = field(default_factory=dict)
     notes: str = ""
     download: str = ""
+    outside_field_of_view: list[str] = field(default_factory=list)
     source_path: str | None = field(default=None, compare=False)
 
     # -- derived views ---------------------------------------------------------------------
@@ -208,6 +214,7 @@ class Descriptor:
             "split": {k: list(v) for k, v in self.split.items()},
             "notes": self.notes,
             "download": self.download,
+            "outside_field_of_view": list(self.outside_field_of_view),
         }
 
     @classmethod
@@ -297,6 +304,16 @@ def _parse(data: Any, errors: list[str], stem: str | None) -> Descriptor | None:
         errors.append(f"sources must map a fact (labels, licence, ...) to a URL or document, got {sources!r}")
         sources = {}
 
+    outside = data.get("outside_field_of_view") or []
+    if not isinstance(outside, list) or not all(isinstance(c, str) and _SNAKE.match(c) for c in outside):
+        errors.append(f"outside_field_of_view must be a list of concept ids, got {outside!r}")
+        outside = []
+    overlap = sorted(set(outside) & set(targets or {}))
+    if overlap:
+        errors.append(f"outside_field_of_view lists annotated concepts {overlap}; a labelled structure is in view")
+    if outside and "outside_field_of_view" not in (data.get("sources") or {}):
+        errors.append("outside_field_of_view needs a source: add sources.outside_field_of_view")
+
     licence = text("licence")
     notes = text("notes")
     if "licence" in data and not licence.strip() and not notes.strip():
@@ -322,6 +339,7 @@ def _parse(data: Any, errors: list[str], stem: str | None) -> Descriptor | None:
         split=split,
         notes=notes,
         download=text("download"),
+        outside_field_of_view=list(outside),
     )
 
 

@@ -67,6 +67,8 @@ class SegmentationResult:
         modality_source: how it was decided: "given", "dicom" or "guessed".
         presence: prompt -> probability (0..1) that the structure is in the scan at all.
         present: prompt -> the decision; an absent prompt has an empty mask.
+        presence_features: prompt -> the presence features of its strongest member
+            (:data:`unisegtext.inference.presence.FEATURES`), for fitting and audits.
     """
 
     masks: dict[str, np.ndarray]
@@ -80,6 +82,7 @@ class SegmentationResult:
     modality_source: str | None = None
     presence: dict[str, float] = field(default_factory=dict)
     present: dict[str, bool] = field(default_factory=dict)
+    presence_features: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for prompt, mask in self.masks.items():  # results made without a presence decision

@@ -314,19 +314,24 @@ def segment(
     voxel_ml = float(np.prod(cfg.preprocessing.spacing_mm)) / 1000.0
     presence_model = cfg.inference.presence or None
     text_presence: dict[str, tuple[float, bool]] = {}
+    text_features: dict[str, np.ndarray] = {}
     for text, i in index.items():
         features = presence_features(probabilities[i], threshold, voxel_ml)
         probability = presence_probability(features, presence_model)
         text_presence[text] = (probability, decide(probability, features, presence_model))
+        text_features[text] = features
     masks: dict[str, np.ndarray] = {}
     probs_out: dict[str, np.ndarray] | None = {} if return_probabilities else None
     scores: dict[str, float] = {}
     presence: dict[str, float] = {}
     present: dict[str, bool] = {}
+    features_out: dict[str, list[float]] = {}
     for r in resolutions:
         # a union is present when any member is; its mask is the union of its present members
         kept = [text for text in r.text if text_presence[text][1]]
         presence[r.prompt] = max(text_presence[text][0] for text in r.text)
+        strongest = max(r.text, key=lambda text: text_presence[text][0])
+        features_out[r.prompt] = [round(float(v), 6) for v in text_features[strongest]]
         present[r.prompt] = bool(kept)
         # a union prompt's probability is the voxel-wise max of its members (trilinear
         # resampling and the max commute with thresholding only this way round: max first in
@@ -368,6 +373,7 @@ def segment(
         modality_source=modality_source,
         presence=presence,
         present=present,
+        presence_features=features_out,
     )
 
 
