@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from unisegtext.inference.result import SegmentationResult
+    from unisegtext.io.record import ResultRecord as SegmentationResult
 
 REPORT_VERSION = 1
 PACKAGES = ("unisegtext", "torch", "numpy", "monai", "nibabel", "transformers", "pydicom", "highdicom", "scipy")

@@ -18,7 +18,7 @@ import numpy as np
 from unisegtext.io.volume import Volume
 
 if TYPE_CHECKING:  # pragma: no cover
-    from unisegtext.inference.result import SegmentationResult
+    from unisegtext.io.record import ResultRecord as SegmentationResult
 
 # 26-connectivity: voxels touching by a face, an edge or a corner belong to one component
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)

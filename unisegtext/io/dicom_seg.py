@@ -29,7 +29,7 @@ from unisegtext.errors import UniSegError
 from unisegtext.io.volume import Volume
 
 if TYPE_CHECKING:  # pragma: no cover
-    from unisegtext.inference.result import SegmentationResult
+    from unisegtext.io.record import ResultRecord as SegmentationResult
     from unisegtext.knowledge import Concept, KnowledgeTree
 
 logger = logging.getLogger(__name__)

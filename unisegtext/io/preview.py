@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from unisegtext.inference.result import SegmentationResult
+    from unisegtext.io.record import ResultRecord as SegmentationResult
 
 PLANES = ("axial", "coronal", "sagittal")
 # letters at the (left, right, top, bottom) edges of each panel
