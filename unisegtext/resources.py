@@ -90,7 +90,8 @@ class MemoryEstimate:
 def model_grid_shape(shape: Sequence[int], spacing_mm: Sequence[float], target_mm: Sequence[float]) -> tuple[int, ...]:
     """Voxels of the scan resampled to the model's spacing (per axis, in the scan's axis order;
     the product does not depend on the order)."""
-    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing_mm, target_mm))
+    sizes = (n * s / t for n, s, t in zip(shape, spacing_mm, target_mm))
+    return tuple(max(1, int(round(v))) if v < 2**62 else 2**62 for v in sizes)  # 1e308 mm voxels: no OverflowError
 
 
 def estimate_run_memory(
@@ -177,6 +178,12 @@ def check_overlap(overlap: float, shape: Sequence[int], patch: Sequence[int]) ->
             "and more only multiplies the run time"
         )
     windows = count_windows(shape, patch, overlap)
+    if windows > MAX_WINDOWS and count_windows(shape, patch, 0.0) > MAX_WINDOWS:  # no overlap would help
+        raise ResourceLimitError(
+            f"the scan spans {tuple(shape)} voxels on the model's grid, {windows:,} sliding windows (the limit is "
+            f"{MAX_WINDOWS:,}, and even overlap 0 exceeds it); check the voxel size in the header: a wrong one "
+            "makes a small scan look huge"
+        )
     if windows > MAX_WINDOWS:
         raise ResourceLimitError(
             f"overlap {overlap} would take {windows:,} sliding windows (the limit is {MAX_WINDOWS:,}); "

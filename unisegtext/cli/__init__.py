@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UniSegError as exc:
         print(f"unisegtext {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+    except OSError as exc:  # a missing or unreadable file, a full disk: the message says which
         print(f"unisegtext {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except MemoryError:

@@ -102,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
         report = Path(args.report).expanduser()
         if report.is_dir():
             raise OutputError(f"--report {report} is a folder; pass a file path such as run.json")
+        if report.exists() and not report.is_file():  # /dev/stdout, a pipe: the atomic rename would replace it
+            raise OutputError(f"--report {report} is not a regular file (a device, pipe or socket); pass a file path "
+                              "such as run.json")
         check_output_dir(report.parent if str(report.parent) else Path("."))
     with OutputFolder(args.output):  # writable, and locked against a second writer, for the whole run
         if args.output_type == "dicom-seg":  # refuse before any computation

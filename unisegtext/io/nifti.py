@@ -72,6 +72,8 @@ def _raw_header(path: Path):
         sizeof_hdr = int.from_bytes(start, "little")
         if sizeof_hdr not in (348, 540):
             sizeof_hdr = int.from_bytes(start, "big")
+        if sizeof_hdr not in (348, 540):  # garbage would otherwise be read as (huge) dimensions
+            raise nib.filebasedimages.ImageFileError(f"the header size is {sizeof_hdr}, not 348 (NIfTI-1) or 540 (NIfTI-2)")
         handle.seek(0)
         klass = nib.Nifti2Header if sizeof_hdr == 540 else nib.Nifti1Header
         return klass.from_fileobj(handle, check=False)
@@ -100,6 +102,9 @@ def volume_from_nifti(img: Any, *, channel: int | None = None, modality: str | N
         raise VolumeError(f"expected a nibabel image, got {type(img).__name__}")
     shape = img.shape
     what = source or "nibabel image"
+    if hasattr(img, "get_data_dtype") and np.dtype(img.get_data_dtype()).kind == "c":  # get_fdata would drop the imaginary part
+        raise VolumeError(f"{what} holds complex numbers ({np.dtype(img.get_data_dtype())}); pass the magnitude image "
+                          "(e.g. np.abs(data)): dropping the imaginary part silently would change the scan")
     if len(shape) == 4 and shape[3] > 1:
         if channel is None:
             raise VolumeError(

@@ -252,18 +252,35 @@ def _fsync_dir(folder: Path) -> None:
 
 @contextlib.contextmanager
 def _signals_held():
-    """Hold SIGINT and SIGTERM back (in this thread) while the result set is being swapped in;
-    a signal that arrives meanwhile is delivered right after, when the set is complete."""
-    held = {signal.SIGINT, signal.SIGTERM}
+    """Hold SIGINT and SIGTERM back while the result set is being swapped in; a signal that
+    arrives meanwhile is delivered right after, when the set is complete.
+
+    Blocking the signals in this thread is not enough: the kernel hands a process-directed
+    signal to any thread that does not block it (torch's worker threads), and Python then runs
+    its handler in the main thread anyway. So in the main thread the Python-level handlers are
+    replaced by one that only records the signal, which is raised again afterwards.
+    """
+    held = (signal.SIGINT, signal.SIGTERM)
+    pending: list[int] = []
+    replaced: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in held:
+            previous = signal.getsignal(signum)
+            if previous is not None:  # None: installed outside Python, cannot be restored
+                replaced[signum] = signal.signal(signum, lambda signum, frame: pending.append(signum))
     try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, set(held))
     except (AttributeError, ValueError, OSError):  # pragma: no cover - no POSIX signals
-        yield
-        return
+        old = None
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for signum, previous in replaced.items():
+            signal.signal(signum, previous)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)  # now, to the handler that was in place
 
 
 class RunTerminated(UniSegError, KeyboardInterrupt):

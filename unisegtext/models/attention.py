@@ -42,7 +42,8 @@ class Attention(nn.Module):
 def sine_position_encoding_3d(shape: tuple[int, int, int], dim: int, device, dtype) -> torch.Tensor:
     """Fixed 3D sinusoidal encodings of a (X, Y, Z) grid in [0, 1] coordinates, (X*Y*Z, dim)."""
     per_axis = (dim // 6) * 2  # sin + cos pairs per axis
-    freqs = torch.exp(torch.arange(0, per_axis, 2, device=device, dtype=torch.float32) * (-math.log(1000.0) / per_axis))
+    # max(.., 1): below 6 dims there are no frequencies (the encoding is all padding), not a ZeroDivisionError
+    freqs = torch.exp(torch.arange(0, per_axis, 2, device=device, dtype=torch.float32) * (-math.log(1000.0) / max(per_axis, 1)))
     axes = [torch.linspace(0, 1, n, device=device) * 2 * math.pi for n in shape]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (N, 3)
     parts = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,11 +51,11 @@ class BackboneConfig:
 
     Attributes:
         name: registered backbone name.
-        in_channels: image channels.
+        in_channels: image channels (1: the pipeline feeds one).
         channels: feature channels per resolution level (level k is 1/2**k of the input).
         blocks_per_level: residual blocks per encoder level.
         embed_dim: channels of the full-resolution per-voxel embedding.
-        norm: MONAI norm name ("instance", "batch", "group").
+        norm: MONAI norm name ("instance" or "batch"; "group" would need a group count).
     """
 
     name: str = "resunet"
@@ -257,6 +258,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
     if origin is list:
         (arg,) = typing.get_args(hint)
         return isinstance(value, list) and all(_type_ok(v, arg) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
     return True  # pragma: no cover - no other field types
 
 
@@ -295,6 +298,8 @@ def _describe_type(hint: Any) -> str:
         return f"a list of {len(args)} {_PLURAL.get(args[0], 'values')}"
     if origin is list:
         return f"a list of {_PLURAL.get(typing.get_args(hint)[0], 'values')}"
+    if origin is dict:
+        return "a mapping"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
@@ -317,17 +322,18 @@ def _range_problems(config: UniSegTextConfig) -> list[str]:
     need(1 <= t.max_length <= 512, f"text.max_length must be within 1..512, got {t.max_length}")
     need(t.pooling in ("mean", "cls"), f"text.pooling must be 'mean' or 'cls', got {t.pooling!r}")
     need(t.hidden_size >= 1, f"text.hidden_size must be >= 1, got {t.hidden_size}")
-    try:
-        ok_template = t.template.format(name="liver") != t.template and "{name}" in t.template
+    try:  # only plain {name} fields: a format spec such as {name:>99999999} would build huge texts
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(t.template) if f is not None]
+        ok_template = bool(fields) and all(f == "name" and not spec and not conv for f, spec, conv in fields)
     except (KeyError, IndexError, ValueError):
         ok_template = False
     need(ok_template, f"text.template must contain '{{name}}' and no other fields, got {t.template!r}")
-    need(b.in_channels >= 1, f"backbone.in_channels must be >= 1, got {b.in_channels}")
+    need(b.in_channels == 1, f"backbone.in_channels must be 1 (the pipeline feeds one image channel), got {b.in_channels}")
     need(len(b.channels) >= 2, "backbone.channels needs at least 2 levels")
     need(all(1 <= c <= 4096 for c in b.channels), f"backbone.channels must be within 1..4096, got {list(b.channels)}")
     need(1 <= b.blocks_per_level <= 16, f"backbone.blocks_per_level must be within 1..16, got {b.blocks_per_level}")
     need(1 <= b.embed_dim <= 4096, f"backbone.embed_dim must be within 1..4096, got {b.embed_dim}")
-    need(b.norm in ("instance", "batch", "group"), f"backbone.norm must be instance, batch or group, got {b.norm!r}")
+    need(b.norm in ("instance", "batch"), f"backbone.norm must be instance or batch, got {b.norm!r}")
     need(d.head in ("query_decoder", "dynamic_conv"), f"decoder.head must be query_decoder or dynamic_conv, got {d.head!r}")
     need(d.num_heads >= 1, f"decoder.num_heads must be >= 1, got {d.num_heads}")
     need(1 <= d.d_model <= 8192, f"decoder.d_model must be within 1..8192, got {d.d_model}")

@@ -195,6 +195,7 @@ class UniSegText(nn.Module):
                 "UniSegText.from_pretrained(..., text_base=...)"
             )
         packaged = is_packaged_base(config.text.base)
+        _check_weight_shapes(cls, config, folder / WEIGHTS_NAME)  # before any parameter is allocated
         model = cls(config, load_text_weights=packaged)
         model.load_safetensors(folder / WEIGHTS_NAME)
         model.name_or_path = str(name_or_path or DEFAULT_MODEL)
@@ -211,6 +212,8 @@ class UniSegText(nn.Module):
         path = Path(path)
         if not path.exists():
             raise ModelLoadError(f"{path} is missing; a checkpoint needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+        if not path.is_file():  # a FIFO would block the reader
+            raise ModelLoadError(f"{path} is not a regular file; {WEIGHTS_NAME} must be a safetensors file")
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -251,6 +254,33 @@ class UniSegText(nn.Module):
     def from_preset(cls, name: str, **overrides: Any) -> UniSegText:
         """A randomly initialised model from a size preset (`tiny`, `nano`, `base`)."""
         return cls(config_from_preset(name, **overrides))
+
+
+def _check_weight_shapes(cls: type[UniSegText], config: UniSegTextConfig, path: Path) -> None:
+    """Compare the tensors `config` builds (on the meta device: no memory) with the safetensors
+    header, so that a config.json asking for huge layers is refused before it allocates them."""
+    import copy
+
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return  # load_safetensors says what is wrong
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is not a valid safetensors file ({exc})") from exc
+    with torch.device("meta"):
+        skeleton = cls(copy.deepcopy(config), load_text_weights=False)
+    excluded = skeleton._excluded_keys()
+    expected = {key: tuple(value.shape) for key, value in skeleton.state_dict().items() if key not in excluded}
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    mismatched = [f"{k}: {stored[k]} vs {expected[k]}" for k in sorted(set(stored) & set(expected)) if stored[k] != expected[k]]
+    problems = [f"{len(missing)} missing keys {missing[:5]}"] if missing else []
+    problems += [f"{len(unexpected)} unexpected keys {unexpected[:5]}"] if unexpected else []
+    problems += [f"{len(mismatched)} tensors have other shapes (checkpoint vs config), e.g. {mismatched[:3]}"] if mismatched else []
+    if problems:
+        raise ModelLoadError(f"{path} does not match its config.json: " + ", ".join(problems))
 
 
 def builtin_checkpoints() -> dict[str, Path]:

@@ -110,11 +110,13 @@ def check_file(path: Path, *, max_bytes: int, max_voxels: int, model_spacing_mm:
             )
     elif name.endswith((".nii", ".nii.gz")):
         import nibabel as nib
+        import numpy as np
 
         try:
-            header = nib.load(str(path)).header  # header only
-            shape = tuple(int(s) for s in header.get_data_shape())[:3]
-            zooms = tuple(float(z) for z in header.get_zooms())[:3]
+            image = nib.load(str(path))  # header only
+            shape = tuple(int(s) for s in image.header.get_data_shape())[:3]
+            # voxel sizes as the reader sees them: from the affine (sform/qform), not pixdim
+            zooms = tuple(float(z) for z in np.linalg.norm(image.affine[:3, :3], axis=0))[: len(shape)]
         except Exception:  # unreadable: the reader reports it properly later
             return
         voxels = 1
@@ -122,7 +124,7 @@ def check_file(path: Path, *, max_bytes: int, max_voxels: int, model_spacing_mm:
             voxels *= int(s)
         if voxels > max_voxels:
             raise ToolInputError(f"{path.name} has {voxels:,} voxels {tuple(shape)}, more than the limit of {max_voxels:,}")
-        if model_spacing_mm is not None and len(zooms) == 3 and all(z > 0 for z in zooms):
+        if model_spacing_mm is not None and len(zooms) == 3 and all(0 < z < float("inf") for z in zooms):
             from unisegtext.resources import check_memory, estimate_run_memory, model_grid_shape
 
             grid = model_grid_shape(shape, zooms, model_spacing_mm)
