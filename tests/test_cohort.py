@@ -130,13 +130,14 @@ def test_table_has_one_row_per_case_and_prompt_and_the_corrupt_case_with_its_err
     rows = read_table(summary.out_dir / "results.csv")
     assert [(r["case_id"], r["prompt"]) for r in rows] == [(c, p) for c in CASES for p in ("liver", "spleen")]
     assert list(rows[0]) == ["case_id", "input", "prompt", "concept", "volume_ml", "voxels", "presence",
-                             "score", "runtime_s", "status", "error"]
+                             "present", "score", "runtime_s", "status", "error"]
     ok = [r for r in rows if r["case_id"] != "c4"]
     assert all(r["status"] == "ok" and r["error"] == "" for r in ok)
     assert all(float(r["volume_ml"]) == pytest.approx(int(r["voxels"]) * 0.027) for r in ok)  # 3 mm voxels
     assert all(float(r["runtime_s"]) > 0 for r in ok)
     assert {r["concept"] for r in rows} == {"liver", "spleen"}
-    assert all(r["presence"] == "" for r in rows)  # the tiny model has no presence head
+    assert all(0.0 <= float(r["presence"]) <= 1.0 and r["present"] in ("True", "False") for r in ok)
+    assert all((r["present"] == "True") == (int(r["voxels"]) > 0) for r in ok)  # uncalibrated: present = not empty
     bad = [r for r in rows if r["case_id"] == "c4"]
     assert all(r["status"] == "failed" and r["volume_ml"] == "" for r in bad)
     assert all("VolumeError" in r["error"] and "c4.nii.gz" in r["error"] and "truncated" in r["error"] for r in bad)

@@ -174,7 +174,8 @@ def write_done(settings: RunSettings, case: Case, result, started: float) -> Pat
     """
     import numpy as np
 
-    presence = getattr(result, "presence", None) or {}  # only for models with a presence head
+    presence = getattr(result, "presence", None) or {}
+    present = getattr(result, "present", None) or {}
     volumes = result.volumes_ml
     prompts = [
         {
@@ -183,6 +184,7 @@ def write_done(settings: RunSettings, case: Case, result, started: float) -> Pat
             "volume_ml": volumes[prompt],
             "voxels": int(np.count_nonzero(mask)),
             "presence": presence.get(prompt),
+            "present": present.get(prompt),
             "score": result.scores.get(prompt),
         }
         for prompt, mask in result.masks.items()

@@ -25,7 +25,8 @@ COLUMNS = (
     "concept",     # the knowledge-tree concept it resolved to
     "volume_ml",   # mask volume in millilitres
     "voxels",      # mask voxel count on the input grid
-    "presence",    # the model's presence probability (empty: this model has no presence head)
+    "presence",    # the probability that the structure is in the scan at all
+    "present",     # the model's decision (an absent structure has an empty mask)
     "score",       # mean probability inside the mask (0 when empty)
     "runtime_s",   # seconds for the whole case (read, segment, write)
     "status",      # ok | failed | pending (not run yet: an interrupted run)
@@ -58,6 +59,7 @@ def collect_rows(cases: list[Case], out_dir: Path, fingerprint: Callable[[Case],
                 "volume_ml": done.get("volume_ml"),
                 "voxels": done.get("voxels"),
                 "presence": done.get("presence"),
+                "present": done.get("present"),
                 "score": done.get("score"),
                 "runtime_s": marker.get("runtime_s") if marker else None,
                 "status": {"done": "ok"}.get(state, state),
@@ -81,7 +83,7 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     schema = pa.schema([
         ("case_id", pa.string()), ("input", pa.string()), ("prompt", pa.string()),
         ("concept", pa.string()), ("volume_ml", pa.float64()), ("voxels", pa.int64()),
-        ("presence", pa.float64()), ("score", pa.float64()), ("runtime_s", pa.float64()),
+        ("presence", pa.float64()), ("present", pa.bool_()), ("score", pa.float64()), ("runtime_s", pa.float64()),
         ("status", pa.string()), ("error", pa.string()),
     ])
     table = pa.Table.from_pylist(rows, schema=schema)
