@@ -474,9 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    library = logging.getLogger("unisegtext")
+    level = library.level
+    library.setLevel(logging.ERROR)  # untrained-model and guess warnings are expected here
+    try:
+        return _main(argv)
+    finally:
+        library.setLevel(level)  # called in-process (tests): leave the library's logging as it was
+
+
+def _main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("unisegtext").setLevel(logging.ERROR)  # untrained-model and guess warnings are expected here
 
     from unisegtext.models import UniSegText
 

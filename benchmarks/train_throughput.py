@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = collate([dataset[j] for j in indices]).to(device)
         t1 = time.perf_counter()
         with autocast:
-            logits = step_module(batch.image, batch.texts)
+            logits, _, _ = step_module(batch.image, batch.texts)
         loss = partial_label_loss(logits, batch.targets, batch.valid).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

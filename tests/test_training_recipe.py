@@ -174,3 +174,47 @@ def test_recipe_values_are_checked(bad):
 
     with pytest.raises(ConfigError):
         recipe(**bad)
+
+
+def test_mask_separation_pushes_collapsed_mask_vectors_apart_but_not_related_ones():
+    """The step-1500 model of the first v2 run gave left and right kidney mask vectors with
+    cosine 0.99; this term penalises exactly that, and leaves 'kidney' vs 'left kidney' alone."""
+    from unisegtext.training.losses import mask_separation_loss, related_concepts
+
+    concepts = [["kidney_left", "kidney_right", "kidney", ""]]
+    valid = torch.tensor([[True, True, True, False]])
+    related = related_concepts(["kidney", "kidney_left", "kidney_right"])
+    assert ("kidney", "kidney_left") in related and ("kidney_left", "kidney_right") not in related
+    base = torch.randn(1, 1, 8)
+    vectors = (base.repeat(1, 4, 1) + 0.01 * torch.randn(1, 4, 8)).requires_grad_(True)
+    loss, mean_cos = mask_separation_loss(vectors, concepts, valid, related, margin=0.5)
+    assert mean_cos > 0.99 and float(loss.detach()) > 0.2  # only left vs right counts
+    loss.backward()
+    assert vectors.grad[0, 3].abs().sum() == 0  # padding gets no gradient
+    optimiser = torch.optim.SGD([vectors], lr=1.0)
+    for _ in range(300):
+        optimiser.zero_grad()
+        loss, mean_cos = mask_separation_loss(vectors, concepts, valid, related, margin=0.5)
+        loss.backward()
+        optimiser.step()
+    assert mean_cos < 0.55
+
+
+def test_text_skip_gives_distinct_mask_vectors_for_distinct_queries():
+    """With the text skip, two distinct queries give distinct mask vectors even when the decoder
+    layers map every query to the same vector (simulated by zeroing their outputs)."""
+    from unisegtext.models import UniSegText
+
+    torch.manual_seed(0)
+    model = UniSegText.from_preset("tiny", decoder={"text_skip": True})
+    torch.nn.init.normal_(model.head.text_skip.weight)
+    for module in (model.head.mask_embed,):
+        for parameter in module.parameters():
+            torch.nn.init.zeros_(parameter)
+    image = torch.randn(1, 1, 32, 32, 32)
+    texts = model.encode_text(["liver", "spleen"])
+    logits, vectors = model(image, texts, return_mask_vectors=True)
+    assert logits.shape == (1, 2, 32, 32, 32) and vectors.shape[:2] == (1, 2)
+    assert float(torch.nn.functional.cosine_similarity(vectors[0, 0], vectors[0, 1], dim=0)) < 0.99
+    plain = UniSegText.from_preset("tiny")
+    assert plain.head.text_skip is None and "head.text_skip.weight" not in plain.state_dict()

@@ -83,6 +83,9 @@ class DecoderConfig:
         num_registers: learned register tokens for "independent".
         dynamic_hidden: hidden channels of the dynamic conv head.
         dropout: attention/FFN dropout.
+        text_skip: query decoder: add a linear path from the text query straight to the mask
+            vector, so that concept identity survives decoder layers whose image-dependent
+            updates can dwarf the query (the first nano models' mask vectors collapsed).
     """
 
     head: str = "query_decoder"
@@ -95,6 +98,7 @@ class DecoderConfig:
     num_registers: int = 4
     dynamic_hidden: int = 8
     dropout: float = 0.0
+    text_skip: bool = False
 
 
 @dataclass

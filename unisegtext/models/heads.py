@@ -64,6 +64,10 @@ class QueryDecoderHead(nn.Module):
         )
         self.norm = nn.LayerNorm(d)
         self.mask_embed = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, bb.embed_dim))
+        self.text_skip = nn.Linear(d, bb.embed_dim) if dec.text_skip else None
+        if self.text_skip is not None:  # zero: a warm start keeps its function at first
+            nn.init.zeros_(self.text_skip.weight)
+            nn.init.zeros_(self.text_skip.bias)
         self._pos_cache: dict[tuple, torch.Tensor] = {}
 
     def _position(self, shape: tuple[int, int, int], d: int, device, dtype) -> torch.Tensor:
@@ -72,7 +76,9 @@ class QueryDecoderHead(nn.Module):
             self._pos_cache[key] = sine_position_encoding_3d(shape, d, device, dtype)
         return self._pos_cache[key]
 
-    def forward(self, features: BackboneOutput, queries: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: BackboneOutput, queries: torch.Tensor, return_mask_vectors: bool = False):
+        """Logits (B, P, X, Y, Z); with `return_mask_vectors` also the mask vectors (B, P, E)."""
+        text_queries = queries
         tokens, positions = [], []
         for i, (k, proj) in enumerate(zip(self.levels, self.proj)):
             feat = proj(features.levels[k])  # (B, D, x, y, z)
@@ -85,7 +91,10 @@ class QueryDecoderHead(nn.Module):
         for layer in self.layers:
             queries = layer(queries, memory, memory_pos)
         mask_vectors = self.mask_embed(self.norm(queries))  # (B, P, E)
-        return torch.einsum("bpe,bexyz->bpxyz", mask_vectors, features.voxel_embedding)
+        if self.text_skip is not None:
+            mask_vectors = mask_vectors + self.text_skip(text_queries)
+        logits = torch.einsum("bpe,bexyz->bpxyz", mask_vectors, features.voxel_embedding)
+        return (logits, mask_vectors) if return_mask_vectors else logits
 
 
 class DynamicConvHead(nn.Module):
@@ -101,7 +110,9 @@ class DynamicConvHead(nn.Module):
         self.image_proj = nn.Linear(bb.channels[-1], d)
         self.controller = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, n_params))
 
-    def forward(self, features: BackboneOutput, queries: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: BackboneOutput, queries: torch.Tensor, return_mask_vectors: bool = False):
+        if return_mask_vectors:
+            raise ValueError("the dynamic_conv head has no mask vectors; set optim.mask_separation_weight to 0")
         b, p, _ = queries.shape
         pooled = self.image_proj(features.bottleneck.mean(dim=(2, 3, 4)))  # (B, D)
         params = self.controller(torch.cat([queries, pooled.unsqueeze(1).expand(-1, p, -1)], dim=-1))  # (B, P, n)

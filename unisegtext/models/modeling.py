@@ -78,15 +78,18 @@ class UniSegText(nn.Module):
         """image (B, C, X, Y, Z), normalised, sides divisible by 2**(levels-1)."""
         return self.backbone(image)
 
-    def decode(self, features: BackboneOutput, text_embeddings: torch.Tensor) -> torch.Tensor:
-        """Logits (B, P, X, Y, Z) for text embeddings (P, H) shared by the batch, or (B, P, H)."""
+    def decode(self, features: BackboneOutput, text_embeddings: torch.Tensor, return_mask_vectors: bool = False):
+        """Logits (B, P, X, Y, Z) for text embeddings (P, H) shared by the batch, or (B, P, H);
+        with `return_mask_vectors` (query decoder) also the mask vectors (B, P, E)."""
         queries = self.text_proj(text_embeddings.to(features.voxel_embedding.dtype))
         if queries.dim() == 2:
             queries = queries.unsqueeze(0).expand(features.voxel_embedding.shape[0], -1, -1)
+        if return_mask_vectors:
+            return self.head(features, queries, return_mask_vectors=True)
         return self.head(features, queries)
 
-    def forward(self, image: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode_image(image), text_embeddings)
+    def forward(self, image: torch.Tensor, text_embeddings: torch.Tensor, return_mask_vectors: bool = False):
+        return self.decode(self.encode_image(image), text_embeddings, return_mask_vectors)
 
     def train(self, mode: bool = True):
         if mode:  # weights may change from here on; eval() keeps the cache

@@ -38,6 +38,9 @@ class ModelSection:
         freeze_text_adapter: keep the text adapter fixed (only the projection to the decoder
             width, the backbone and the head learn), so that segmentation training on a few
             dozen concept names cannot undo what knowledge pre-training learned over the tree.
+        init_new: with ``init_from``, parameter-name prefixes that the source checkpoint may lack
+            (parts added to the architecture on purpose, e.g. ``head.text_skip``); they keep
+            their initialisation. Any other missing key is an error.
     """
 
     preset: str = "nano"
@@ -45,6 +48,7 @@ class ModelSection:
     init_from: str = ""
     text_adapter: str = ""
     freeze_text_adapter: bool = False
+    init_new: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -191,6 +195,10 @@ class OptimSection:
             trained concepts (not one the union or part of the other), the squared excess of the
             cosine of their decoder queries over ``query_margin``; keeps concepts' queries apart.
         query_margin: cosine above which two distinct concepts' queries are penalised.
+        mask_separation_weight: weight of the mask-vector separation term: on each patch, the
+            squared excess over ``mask_separation_margin`` of the cosine between the mask
+            vectors of distinct, unrelated prompted concepts (query decoder only).
+        mask_separation_margin: cosine allowed between two such mask vectors.
     """
 
     lr: float = 1e-3
@@ -208,6 +216,8 @@ class OptimSection:
     channels_last: bool = False
     query_weight: float = 0.0
     query_margin: float = 0.7
+    mask_separation_weight: float = 0.0
+    mask_separation_margin: float = 0.5
 
 
 @dataclass

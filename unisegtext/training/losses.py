@@ -123,3 +123,54 @@ def query_separation_loss(queries: torch.Tensor, pairs: torch.Tensor, margin: fl
     unit = F.normalize(queries.float(), dim=-1)
     cos = (unit[pairs[:, 0]] * unit[pairs[:, 1]]).sum(-1)
     return F.relu(cos - margin).square().sum(), float(cos.detach().max())
+
+
+def related_concepts(concepts: list[str]) -> set[tuple[str, str]]:
+    """Ordered pairs of concepts where one is above the other in the tree (may share a mask)."""
+    from unisegtext.knowledge import load_tree
+
+    tree = load_tree()
+    out = set()
+    for concept in concepts:
+        if concept in tree:
+            for other in tree.ancestors(concept):
+                out.add((concept, other))
+                out.add((other, concept))
+    return out
+
+
+def mask_separation_loss(vectors: torch.Tensor, concepts: list[list[str]], valid: torch.Tensor,
+                         related: set[tuple[str, str]], margin: float) -> tuple[torch.Tensor, float]:
+    """Squared excess over `margin` of the cosine between the mask vectors of distinct,
+    unrelated concepts prompted on the same patch, summed over the pairs of a patch and
+    averaged over the patches.
+
+    The decoder's image-dependent updates can swamp the text query, so that left and right
+    kidney (or liver and spleen) end with one mask vector: the failure the query separation
+    alone does not prevent. This term keeps the vectors the masks are made of apart.
+
+    Args:
+        vectors: (B, P, E) mask vectors.
+        concepts: B lists of P concept ids ("" for padding).
+        valid: (B, P) bool.
+        related: pairs allowed to be close (:func:`related_concepts`).
+
+    Returns:
+        (loss, mean cosine over the pairs).
+    """
+    unit = F.normalize(vectors.float(), dim=-1)
+    cos = unit @ unit.transpose(1, 2)  # (B, P, P)
+    b, p, _ = cos.shape
+    keep = torch.zeros((b, p, p), dtype=torch.bool, device=vectors.device)
+    for i in range(b):
+        for j in range(p):
+            for k in range(j + 1, p):
+                a, c = concepts[i][j], concepts[i][k]
+                if valid[i, j] and valid[i, k] and a != c and (a, c) not in related:
+                    keep[i, j, k] = True
+    if not bool(keep.any()):
+        return vectors.sum() * 0.0, 0.0
+    chosen = cos[keep]
+    # summed per patch (a mean over all pairs would dilute the few collapsed ones, such as
+    # left vs right kidney, among the many pairs already apart)
+    return F.relu(chosen - margin).square().sum() / b, float(chosen.detach().mean())

@@ -41,7 +41,13 @@ from torch import nn
 
 from unisegtext.errors import ConfigError, UniSegError
 from unisegtext.training.config import SourceSection, TrainConfig
-from unisegtext.training.losses import distinct_pairs, partial_label_loss, query_separation_loss
+from unisegtext.training.losses import (
+    distinct_pairs,
+    mask_separation_loss,
+    partial_label_loss,
+    query_separation_loss,
+    related_concepts,
+)
 from unisegtext.training.monitor import PairStats, summarise_validation, validate
 from unisegtext.training.sampling import (
     Batch,
@@ -58,7 +64,7 @@ STATE_NAME = "trainer_state.pt"
 LATEST_NAME = "latest.json"
 METRIC_FIELDS = [
     "step", "lr", "loss", "bce", "dice_loss", "prompts", "positives", "patches_per_s",
-    "grad_norm", "synthetic_fraction", "query_cos_max", "elapsed_min",
+    "grad_norm", "synthetic_fraction", "query_cos_max", "mask_cos_mean", "elapsed_min",
 ]
 
 
@@ -160,11 +166,13 @@ class PromptedSegmentation(nn.Module):
             pooled = pooled + encoder.adapter(pooled)
         return pooled
 
-    def forward(self, image: torch.Tensor, texts: list[list[str]], query_texts: list[str] | None = None):
-        """image (B, C, X, Y, Z), texts B x P strings -> logits (B, P, X, Y, Z).
+    def forward(self, image: torch.Tensor, texts: list[list[str]], query_texts: list[str] | None = None,
+                mask_vectors: bool = False):
+        """image (B, C, X, Y, Z), texts B x P strings -> ``(logits, queries, mask_vectors)``.
 
-        With `query_texts` (C strings) it also returns their decoder queries (C, D), computed
-        in the same forward so that DDP sees one graph: ``(logits, queries)``.
+        logits: (B, P, X, Y, Z). queries: with `query_texts` (C strings) their decoder queries
+        (C, D), else None. mask_vectors: with `mask_vectors`, (B, P, E), else None. All come from
+        one forward, so that DDP sees one graph.
         """
         unique = list(dict.fromkeys(t for row in texts for t in row))
         if query_texts:
@@ -172,11 +180,13 @@ class PromptedSegmentation(nn.Module):
         position = {t: i for i, t in enumerate(unique)}
         embeddings = self._text_embeddings(unique)  # (U, H)
         index = torch.tensor([[position[t] for t in row] for row in texts], device=embeddings.device)
-        logits = self.model(image, embeddings[index])  # text (B, P, H)
-        if not query_texts:
-            return logits
-        rows = torch.tensor([position[t] for t in query_texts], device=embeddings.device)
-        return logits, self.model.text_proj(embeddings[rows])
+        output = self.model(image, embeddings[index], return_mask_vectors=mask_vectors)  # text (B, P, H)
+        logits, vectors = output if mask_vectors else (output, None)
+        queries = None
+        if query_texts:
+            rows = torch.tensor([position[t] for t in query_texts], device=embeddings.device)
+            queries = self.model.text_proj(embeddings[rows])
+        return logits, queries, vectors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,11 +301,16 @@ def build_model(config: TrainConfig, concepts: list[str]):
     if config.model.init_from:
         source = UniSegText.from_pretrained(config.model.init_from)
         missing = model.load_state_dict(source.state_dict(), strict=False)
-        if missing.unexpected_keys or [k for k in missing.missing_keys if not k.startswith("text_encoder.base")]:
+        new = tuple(config.model.init_new)
+        wrong = [k for k in missing.missing_keys if not k.startswith("text_encoder.base") and not k.startswith(new)]
+        if missing.unexpected_keys or wrong:
             raise ConfigError(
                 f"model.init_from {config.model.init_from} does not match preset {config.model.preset!r} "
-                f"(+ overrides): missing {missing.missing_keys[:3]}, unexpected {missing.unexpected_keys[:3]}"
+                f"(+ overrides): missing {wrong[:3]}, unexpected {missing.unexpected_keys[:3]} "
+                "(parts added on purpose go in model.init_new)"
             )
+        if new:
+            logger.info("warm start from %s; new parts keep their initialisation: %s", config.model.init_from, list(new))
     elif config.model.text_adapter:
         from unisegtext.training.text_pretrain import load_text_adapter
 
@@ -401,6 +416,8 @@ def train(
                         model.config.text.template, config.sampling.synonym_prob)
     query_texts = [texts.name(c) for c in concepts] if config.optim.query_weight > 0 else None
     query_pairs = distinct_pairs(concepts).to(info.device) if query_texts else None
+    use_mask_separation = config.optim.mask_separation_weight > 0
+    related = related_concepts(annotated) if use_mask_separation else set()
     step_module: nn.Module = PromptedSegmentation(model)
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -455,13 +472,17 @@ def train(
             group["lr"] = lr
         image = batch.image.contiguous(memory_format=torch.channels_last_3d) if optim_cfg.channels_last else batch.image
         with autocast:
-            output = step_module(image, batch.texts, query_texts)
-        logits, queries = output if query_texts else (output, None)
+            logits, queries, vectors = step_module(image, batch.texts, query_texts, mask_vectors=use_mask_separation)
         parts = partial_label_loss(logits, batch.targets, batch.valid, dice_weight=optim_cfg.dice_weight)
         if queries is not None:
             separation, max_cos = query_separation_loss(queries, query_pairs, optim_cfg.query_margin)
             parts.loss = parts.loss + optim_cfg.query_weight * separation
             window["query_cos_max"] = max(window["query_cos_max"], max_cos)
+        if vectors is not None:
+            separation, mean_cos = mask_separation_loss(vectors, batch.concepts, batch.valid, related,
+                                                        optim_cfg.mask_separation_margin)
+            parts.loss = parts.loss + optim_cfg.mask_separation_weight * separation
+            window["mask_cos_mean"] += mean_cos
         if info.is_main:
             pair_stats.add(logits, batch.targets, batch.valid, parts.pair_bce, parts.pair_dice_loss,
                            batch.sources, batch.concepts)
@@ -507,7 +528,8 @@ def train(
                 "prompts": window["prompts"] / n, "positives": window["positives"] / n,
                 "patches_per_s": window["n"] * config.sampling.batch_size * info.world_size / max(seconds, 1e-9),
                 "grad_norm": window["grad_norm"] / n, "synthetic_fraction": window["synthetic"] / n,
-                "query_cos_max": window["query_cos_max"], "elapsed_min": elapsed_min,
+                "query_cos_max": window["query_cos_max"], "mask_cos_mean": window["mask_cos_mean"] / n,
+                "elapsed_min": elapsed_min,
             }
             if metrics is not None:
                 metrics.write(row)
@@ -563,7 +585,7 @@ def train(
 
 def _empty_window() -> dict[str, float]:
     return {"n": 0, "loss": 0.0, "bce": 0.0, "dice": 0.0, "prompts": 0.0, "positives": 0.0,
-            "grad_norm": 0.0, "synthetic": 0.0, "query_cos_max": 0.0}
+            "grad_norm": 0.0, "synthetic": 0.0, "query_cos_max": 0.0, "mask_cos_mean": 0.0}
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
