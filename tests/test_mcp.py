@@ -96,4 +96,4 @@ def test_mcp_over_stdio(shared_data, tiny_model_dir, tmp_path):
 
     listed, described = _run(session)
     assert {t.name for t in listed.tools} == {"segment", "resolve_prompt", "list_concepts", "describe_model"}
-    assert described.structured_content["name"] == str(tiny_model_dir)
+    assert described.structured_content["name"] == tiny_model_dir.name  # never the absolute path

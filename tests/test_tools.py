@@ -257,6 +257,6 @@ def test_model_from_environment(data_root, tiny_model_dir, tmp_path, monkeypatch
     h = ToolHandler(data_root, tmp_path / "out")
     try:
         assert h.model == str(tiny_model_dir)
-        assert h.handle("describe_model", {})["name"] == str(tiny_model_dir)
+        assert h.handle("describe_model", {})["name"] == tiny_model_dir.name  # never the absolute path
     finally:
         h.close()

@@ -257,7 +257,7 @@ class ToolHandler:
                 "manifest": shown(out_dir / "manifest.json"),
                 **({"preview": shown(preview_file)} if preview_file else {}),
             },
-            "model": {"name": result.model.get("name"), "weights_sha256": result.model.get("weights_sha256")},
+            "model": {"name": _model_name(result.model.get("name")), "weights_sha256": result.model.get("weights_sha256")},
             "seconds": round(float(result.timings.get("total", 0.0)), 2),
         }
 
@@ -332,6 +332,8 @@ class ToolHandler:
         if not trained:
             info["warning"] = ("this model lists no trained concepts: it is untrained or random, and its "
                                "masks carry no anatomical meaning")
+        info["name"] = _model_name(info.get("name"))
+        info.pop("text_base", None) if str(info.get("text_base", "")).startswith("/") else None
         info["limits"] = asdict(self.limits)
         info["output_types"] = list(TOOLS["segment"].parameters["properties"]["output_type"]["enum"])
         return info
@@ -468,6 +470,13 @@ def _concept_card(concept: Any, tree: Any) -> dict[str, Any]:
         "children": tree.children(concept.id)[:20],
         "has_dicom_code": bool(concept.dicom),
     }
+
+
+def _model_name(name: Any) -> Any:
+    """A model named by a server folder is answered by the folder's name, never its absolute path."""
+    if isinstance(name, str) and os.path.isabs(name):
+        return Path(name).name
+    return name
 
 
 def _mask_files(prompts: list[str], files: list[Path], output_type: str) -> dict[str, str]:
