@@ -218,3 +218,19 @@ def test_text_skip_gives_distinct_mask_vectors_for_distinct_queries():
     assert float(torch.nn.functional.cosine_similarity(vectors[0, 0], vectors[0, 1], dim=0)) < 0.99
     plain = UniSegText.from_preset("tiny")
     assert plain.head.text_skip is None and "head.text_skip.weight" not in plain.state_dict()
+
+
+def test_absent_topk_makes_a_blob_for_an_absent_prompt_cost_what_it_should():
+    """Mean BCE barely notices a blob painted for an absent structure; the top-k term does."""
+    from unisegtext.training.losses import partial_label_loss
+
+    logits = torch.full((1, 1, 20, 20, 20), -8.0)
+    logits[0, 0, :4, :4, :10] = 3.0  # a 160-voxel blob (2 % of the patch), nothing there
+    targets = torch.zeros_like(logits)
+    valid = torch.tensor([[True]])
+    plain = partial_label_loss(logits, targets, valid)
+    topk = partial_label_loss(logits, targets, valid, absent_topk_weight=1.0, absent_topk_fraction=0.02)
+    assert plain.loss < 0.1  # the mean BCE hides the blob
+    assert topk.loss > 2.5   # softplus(3) ~ 3.05 over the top 2 %
+    clean = partial_label_loss(torch.full_like(logits, -8.0), targets, valid, absent_topk_weight=1.0)
+    assert clean.loss < 0.01

@@ -199,6 +199,9 @@ class OptimSection:
             squared excess over ``mask_separation_margin`` of the cosine between the mask
             vectors of distinct, unrelated prompted concepts (query decoder only).
         mask_separation_margin: cosine allowed between two such mask vectors.
+        absent_topk_weight: weight of the top-k BCE on prompts absent from the patch (see
+            :func:`unisegtext.training.losses.partial_label_loss`).
+        absent_topk_fraction: the share of a patch's voxels that top-k term looks at.
     """
 
     lr: float = 1e-3
@@ -218,6 +221,8 @@ class OptimSection:
     query_margin: float = 0.7
     mask_separation_weight: float = 0.0
     mask_separation_margin: float = 0.5
+    absent_topk_weight: float = 0.0
+    absent_topk_fraction: float = 0.02
 
 
 @dataclass
