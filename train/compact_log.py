@@ -1,6 +1,6 @@
 """A compact, committable training log from a run folder.
 
-    python train/compact_log.py runs/nano2 --out train/logs/unisegtext-nano-v2.csv
+    python train/compact_log.py runs/nano3 --out train/logs/unisegtext-nano-v2.csv
 
 One row per logging interval of ``metrics_detail.jsonl`` (every 100 steps) and source: mean
 BCE, Dice loss and hard Dice of present prompts, false-positive rate of absent prompts; plus the
