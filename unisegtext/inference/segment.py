@@ -19,8 +19,8 @@ import torch
 
 from unisegtext.errors import UniSegError
 from unisegtext.inference.postprocessing import restore_mask
-from unisegtext.inference.presence import decide, presence_features, presence_probability
 from unisegtext.inference.preprocessing import PreparedVolume, preprocess, restore
+from unisegtext.inference.presence import decide, presence_features, presence_probability
 from unisegtext.inference.prompts import check_prompts, resolve_prompts
 from unisegtext.inference.result import SegmentationResult
 from unisegtext.io import VolumeLike, read_volume
