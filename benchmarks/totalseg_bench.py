@@ -14,6 +14,8 @@ weights are at hand, e.g. with `--plans path/to/plans.json`). `--plan tiny` is a
 
     # the full-size run (minutes on 2 CPU cores)
     python benchmarks/totalseg_bench.py --tasks total_fast total --threads 2
+    # `total` with organ prompts only runs part 1 of 5
+    python benchmarks/totalseg_bench.py --tasks total --max-parts 1 --out benchmarks/results/totalseg_cpu_total_part1.json
     # smoke run (seconds)
     python benchmarks/totalseg_bench.py --size 64 --plan tiny --out /tmp/totalseg_bench_smoke.json
 
@@ -117,13 +119,14 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def run_task(task_name: str, plan: dict[str, Any], volume, workdir: Path) -> dict[str, Any]:
+def run_task(task_name: str, plan: dict[str, Any], volume, workdir: Path, max_parts: int = 0) -> dict[str, Any]:
     from unisegtext.backends.totalseg import backend as backend_module
     from unisegtext.backends.totalseg import nnunet
 
     weights = write_random_parts(task_name, plan, workdir / task_name)
     backend = backend_module.TotalSegmentatorBackend(task_name, weights=weights, all_parts=True)
-    backend.load_parts(backend.task.parts)
+    parts = list(backend.task.parts)[:max_parts] if max_parts > 0 else list(backend.task.parts)
+    backend.load_parts(parts)
     part_times: dict[str, float] = {}
     windows: dict[str, int] = {}
     original_predict = backend_module.PartModel.predict_labels
@@ -146,14 +149,15 @@ def run_task(task_name: str, plan: dict[str, Any], volume, workdir: Path) -> dic
     nnunet.compute_steps = counted_steps
     try:
         start = time.perf_counter()
-        labels = backend.predict_labels(volume)
+        labels = backend.predict_labels(volume, parts=parts)
         total = time.perf_counter() - start
     finally:
         backend_module.PartModel.predict_labels = original_predict
         nnunet.compute_steps = original_steps
     params = sum(p.numel() for p in backend._parts[backend.task.parts[0].folder].network().parameters())
     return {
-        "task": task_name, "parts": len(backend.task.parts), "spacing_mm": list(backend.task.resample_mm),
+        "task": task_name, "parts": len(parts), "parts_in_task": len(backend.task.parts),
+        "spacing_mm": list(backend.task.resample_mm),
         "wall_s": total, "parts_s": part_times, "windows": windows,
         "other_s": total - sum(part_times.values()),
         "params_first_part": params, "labels_shape": list(labels.shape), "peak_rss_gib_so_far": peak_rss_gib(),
@@ -169,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", choices=["assumed", "tiny"], default="assumed")
     parser.add_argument("--plans", type=Path, help="a real plans.json (overrides --plan)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-parts", type=int, default=0,
+                        help="run only the first N parts of each task (0: all). Part 1 of `total` holds the "
+                             "abdominal organs, so this is what organ prompts cost")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "totalseg_cpu.json")
     args = parser.parse_args(argv)
 
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="totalseg_bench_") as tmp:
         for task in args.tasks:
-            rows.append(run_task(task, plan, volume, Path(tmp)))
+            rows.append(run_task(task, plan, volume, Path(tmp), args.max_parts))
             print(f"  {task}: {rows[-1]['wall_s']:.1f} s", file=sys.stderr)
 
     result = {
