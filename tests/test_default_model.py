@@ -1,15 +1,38 @@
-"""The shipped default checkpoint: found with no model argument, offline, and it works."""
+"""The shipped default checkpoint: found with no model argument, offline, and it works.
+
+Issue 17, points 1 and 3, on the model the v2 recipe (train/nano.yaml) produced, not a toy model.
+Its work-in-progress weights live in train/checkpoints/unisegtext-nano-v2 (the warm start of
+the next training stage); the packaged default stays v1 until v2 beats it (see the model card):
+
+* Its trained concepts keep distinct queries. The first nano model gave 'liver' and 'urinary
+  bladder' one query (cosine 1.00) and left and right kidney one mask. Training holds every
+  pair of distinct concepts (neither above the other in the tree) under cosine 0.7 with a
+  hinge; the bound tested here, 0.8, leaves room for the few pairs the summed hinge leaves
+  slightly above its margin, and is far below the collapse (0.98 to 1.00) that made two
+  prompts give one mask.
+* On the bundled CT, the full-range scan and its copy clipped to BTCV's -125..275 HU give
+  the same masks (Dice >= 0.95) for the large organs: the CT input is the soft-tissue window,
+  so both reach the network nearly identical (they differ only where the resampling mixes air
+  or bone into a voxel next to soft tissue).
+"""
 
 from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+import pytest
+import torch
 import yaml
 
-from unisegtext import segment
+from unisegtext import UniSegText, segment
+from unisegtext.io import read_volume
+from unisegtext.io.volume import Volume
 from unisegtext.models import DEFAULT_MODEL, builtin_checkpoints
+from unisegtext.training.losses import distinct_pairs
+from unisegtext.training.sampling import PromptTexts
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+QUERY_COSINE_BOUND = 0.8
 
 
 def test_default_checkpoint_is_packaged_and_small():
@@ -34,3 +57,45 @@ def test_mr_example_liver_spleen_without_model_argument(mr_path):
     result = segment(mr_path, ["liver", "spleen"], progress=False)
     assert result.masks["liver"].shape == (117, 91, 20)
     assert result.model["name"] == DEFAULT_MODEL
+
+
+V2_WEIGHTS = REPO / "train" / "checkpoints" / "unisegtext-nano-v2"
+
+
+@pytest.fixture(scope="module")
+def v2_model() -> UniSegText:
+    return UniSegText.from_pretrained(str(V2_WEIGHTS)).eval()
+
+
+def test_the_v2_recipe_keeps_distinct_concepts_apart(v2_model):
+    concepts = list(v2_model.config.concepts)
+    assert len(concepts) >= 60
+    texts = PromptTexts(concepts, v2_model.config.text.template, 0.0)
+    with torch.no_grad():
+        queries = v2_model.text_proj(v2_model.encode_text([texts.name(c) for c in concepts]))
+    unit = torch.nn.functional.normalize(queries.float(), dim=-1)
+    cosine = unit @ unit.T
+    pairs = distinct_pairs(concepts)
+    values = cosine[pairs[:, 0], pairs[:, 1]]
+    worst = int(values.argmax())
+    i, j = pairs[worst].tolist()
+    assert float(values.max()) < QUERY_COSINE_BOUND, (concepts[i], concepts[j], float(values.max()))
+    left, right = concepts.index("kidney_left"), concepts.index("kidney_right")
+    assert float(cosine[left, right]) < QUERY_COSINE_BOUND
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def test_a_full_range_ct_and_its_clipped_copy_give_the_same_masks(v2_model, ct_path):
+    volume = read_volume(ct_path)
+    assert float(volume.array.min()) < -500 and float(volume.array.max()) > 500  # really full range
+    clipped = Volume(np.clip(volume.array, -125.0, 275.0), volume.affine, modality="CT")
+    prompts = ["liver", "spleen", "left kidney", "right kidney", "stomach", "aorta"]
+    full = segment(volume, prompts, model=v2_model, modality="CT", progress=False)
+    windowed = segment(clipped, prompts, model=v2_model, modality="CT", progress=False)
+    assert full.masks["liver"].any()  # the structures it does not find yet are empty in both (Dice 1)
+    for prompt in prompts:
+        assert _dice(full.masks[prompt], windowed.masks[prompt]) >= 0.95, prompt
