@@ -1,8 +1,6 @@
 """The shipped default checkpoint: found with no model argument, offline, and it works.
 
-Issue 17, points 1 and 3, on the model the v2 recipe (train/nano.yaml) produced, not a toy model.
-Its work-in-progress weights live in train/checkpoints/unisegtext-nano-v2 (the warm start of
-the next training stage); the packaged default stays v1 until v2 beats it (see the model card):
+Issue 17, points 1 and 3, on the shipped model itself (the v2 recipe's product, not a toy model):
 
 * Its trained concepts keep distinct queries. The first nano model gave 'liver' and 'urinary
   bladder' one query (cosine 1.00) and left and right kidney one mask. Training holds every
@@ -59,20 +57,17 @@ def test_mr_example_liver_spleen_without_model_argument(mr_path):
     assert result.model["name"] == DEFAULT_MODEL
 
 
-V2_WEIGHTS = REPO / "train" / "checkpoints" / "unisegtext-nano-v2"
-
-
 @pytest.fixture(scope="module")
-def v2_model() -> UniSegText:
-    return UniSegText.from_pretrained(str(V2_WEIGHTS)).eval()
+def default_model() -> UniSegText:
+    return UniSegText.from_pretrained(DEFAULT_MODEL).eval()
 
 
-def test_the_v2_recipe_keeps_distinct_concepts_apart(v2_model):
-    concepts = list(v2_model.config.concepts)
+def test_the_default_model_keeps_distinct_concepts_apart(default_model):
+    concepts = list(default_model.config.concepts)
     assert len(concepts) >= 60
-    texts = PromptTexts(concepts, v2_model.config.text.template, 0.0)
+    texts = PromptTexts(concepts, default_model.config.text.template, 0.0)
     with torch.no_grad():
-        queries = v2_model.text_proj(v2_model.encode_text([texts.name(c) for c in concepts]))
+        queries = default_model.text_proj(default_model.encode_text([texts.name(c) for c in concepts]))
     unit = torch.nn.functional.normalize(queries.float(), dim=-1)
     cosine = unit @ unit.T
     pairs = distinct_pairs(concepts)
@@ -89,13 +84,13 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-def test_a_full_range_ct_and_its_clipped_copy_give_the_same_masks(v2_model, ct_path):
+def test_a_full_range_ct_and_its_clipped_copy_give_the_same_masks(default_model, ct_path):
     volume = read_volume(ct_path)
     assert float(volume.array.min()) < -500 and float(volume.array.max()) > 500  # really full range
     clipped = Volume(np.clip(volume.array, -125.0, 275.0), volume.affine, modality="CT")
     prompts = ["liver", "spleen", "left kidney", "right kidney", "stomach", "aorta"]
-    full = segment(volume, prompts, model=v2_model, modality="CT", progress=False)
-    windowed = segment(clipped, prompts, model=v2_model, modality="CT", progress=False)
+    full = segment(volume, prompts, model=default_model, modality="CT", progress=False)
+    windowed = segment(clipped, prompts, model=default_model, modality="CT", progress=False)
     assert full.masks["liver"].any()  # the structures it does not find yet are empty in both (Dice 1)
     for prompt in prompts:
         assert _dice(full.masks[prompt], windowed.masks[prompt]) >= 0.95, prompt

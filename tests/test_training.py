@@ -81,7 +81,7 @@ def test_nano_config_keeps_validation_out_and_no_lr_flip():
     assert la and la[0].splits == ["train"]
     assert 0 not in config.augment.flip_axes or config.augment.flip_prob == 0
     assert config.threads == 2
-    assert config.checkpoint.export_dir.endswith("unisegtext-nano-v2")  # never straight into the package
+    assert config.checkpoint.export_dir.endswith("unisegtext-nano")
 
 
 def test_ablation_configs_change_only_what_they_ablate():
