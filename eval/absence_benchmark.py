@@ -21,7 +21,9 @@ figures come from a model fitted on the other scans), and the temperature T is f
 voxels of the validation scans (binary NLL over the region around each labelled structure, the
 same region as the ECE), with voxel ECE per dataset before and after. ``--write-config`` stores
 T and the presence model fitted on all validation pairs into the checkpoint's config.json (the
-weights do not change) and the reliability diagrams next to it.
+weights do not change) and the reliability diagrams next to it; the presence model only where its
+leave-one-scan-out error rates are no worse than the shipped decision's (else the config keeps
+"present = mask not empty").
 """
 
 from __future__ import annotations
@@ -226,7 +228,13 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(args.model)
             config = UniSegTextConfig.from_json(folder / "config.json")
             config.inference.temperature = round(temperature, 4)
-            config.inference.presence = presence_model
+            # the fitted presence model replaces the shipped decision only where it is no worse,
+            # leave one scan out, on both error rates (else it would blank present structures)
+            fitted, shipped = report["presence_leave_one_scan_out"], report["as_shipped"]
+            better = (fitted["present_called_absent"] <= shipped["present_called_absent"]
+                      and fitted["absent_with_nonempty_mask"] <= shipped["absent_with_nonempty_mask"])
+            config.inference.presence = presence_model if better else {}
+            report["presence_model_stored"] = bool(better)
             config.to_json(folder / "config.json")
             for dataset in before:
                 for tag, table in (("before", before), ("after", after)):
