@@ -31,7 +31,8 @@ from unisegtext.errors import ConfigError, ModelLoadError, PromptError, UniSegEr
 from unisegtext.io import Volume, read_volume
 from unisegtext.io.output import LOCK_NAME, MANIFEST_NAME, STAGING_PREFIX
 from unisegtext.models import UniSegText
-from unisegtext.resources import ResourceLimitError
+from unisegtext.models.config import config_from_preset
+from unisegtext.resources import GiB, ResourceLimitError, window_activation_bytes
 from unisegtext.tools.handler import ToolHandler, ToolLimits
 
 # `unisegtext.inference.segment` is also the name of the function; monkeypatch the module
@@ -155,6 +156,39 @@ def test_huge_voxels_are_refused_before_allocation(tmp_path, tiny_model, no_infe
         segment(larger, ["liver"], model=tiny_model, progress=False, max_memory_gb=10_000)
 
 
+def test_window_activations_count_in_the_memory_estimate(tmp_path, no_inference):
+    # a small scan, but a checkpoint whose windows are large and wide: the grid arrays are tiny, the
+    # activations of 8 windows of 160^3 voxels with 64 channels are about 30 GB (the run once
+    # started and exhausted the machine)
+    config = config_from_preset("tiny", backbone={"channels": (64, 64, 64)},
+                                preprocessing={"patch_size": (160, 160, 160)}, inference={"sw_batch_size": 8})
+    model = UniSegText(config, load_text_weights=False).eval()
+    with pytest.raises(ResourceLimitError, match=r"window activations \d+\.\d\d GB") as refused:
+        segment(np.zeros((8, 8, 8), np.float32), ["liver"], model=model, affine=np.eye(4), progress=False,
+                max_memory_gb=16)
+    assert "limit of 16.0 GB" in str(refused.value)
+    one, eight = (window_activation_bytes((160, 160, 160), (64, 64, 64), 8, (1, 2), 32, 1, 1, n) for n in (1, 8))
+    assert 4 * GiB < one < 6 * GiB and eight > 8 * one  # each window adds its own; the base covers part of one
+    with pytest.raises(UniSegError, match=r"sw_batch_size must be an integer within 1\.\.64, got 0"):
+        segment(np.zeros((8, 8, 8), np.float32), ["liver"], model=model, affine=np.eye(4), progress=False,
+                sw_batch_size=0)
+
+
+def test_a_container_memory_limit_lowers_the_default(tmp_path, monkeypatch):
+    # inside Docker (--memory 4g) sysconf reports the host's RAM; the default limit must follow the cgroup
+    from unisegtext import resources
+
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    v2.write_text("max\n")  # cgroup v2 without a limit
+    v1.write_text("9223372036854771712\n")  # cgroup v1 without a limit
+    assert resources.cgroup_memory_bytes([str(v2), str(v1)]) is None
+    v2.write_text(f"{4 * GiB}\n")
+    assert resources.cgroup_memory_bytes([str(v2), str(v1)]) == 4 * GiB
+    monkeypatch.delenv("UNISEGTEXT_MAX_MEMORY_GB", raising=False)
+    monkeypatch.setattr(resources, "CGROUP_LIMIT_FILES", (str(v2),))
+    assert resources.default_memory_limit_gb() == pytest.approx(0.8 * 4)
+
+
 def test_max_memory_lowers_and_raises_the_limit(scan_path, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code, err = cli(["segment", "-i", str(scan_path), "-o", str(out), "-p", "liver", "--model", str(tiny_model_dir),
@@ -183,6 +217,24 @@ def test_a_header_declaring_4000_cubed_voxels_is_refused_before_reading(tmp_path
     assert isinstance(refused.value, UniSegError) and "limit of 16.0 GB" in str(refused.value)
     with pytest.raises(ResourceLimitError, match="64,000,000,000 voxels"):
         segment(path, ["liver"], model=tiny_model, progress=False, max_memory_gb=16)
+
+
+def test_a_5d_header_is_refused_before_reading(tmp_path, monkeypatch):
+    # 40^3 voxels x 1 x 32767: the first three axes are small, the data 8 GB. The fuzzer's gzip copy
+    # of such a header was read whole (about 20 GB) before any check saw it
+    path = write_header_only(tmp_path / "five_d.nii", (40, 40, 40, 1, 32767))
+    import unisegtext.io.nifti as nifti_module
+
+    def not_read(*args, **kwargs):
+        raise AssertionError("the image was opened for reading before its dimensions were checked")
+
+    monkeypatch.setattr(nifti_module.nib, "load", not_read)
+    with pytest.raises(VolumeError, match=r"has 5 dimensions \(40, 40, 40, 1, 32767\); pass one 3D volume"):
+        read_volume(path, max_memory_gb=2)
+    monkeypatch.undo()
+    trailing = tmp_path / "trailing_ones.nii.gz"  # (X, Y, Z, 1, 1) is one volume
+    nib.save(nib.Nifti1Image(np.ones((6, 5, 4, 1, 1), np.float32), np.eye(4)), str(trailing))
+    assert read_volume(trailing).shape == (6, 5, 4)
 
 
 def test_the_tool_voxel_limit_counts_the_model_grid(tmp_path, tiny_model_dir):

@@ -14,6 +14,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from unisegtext.errors import UniSegError
 
@@ -30,16 +31,40 @@ class ResourceLimitError(UniSegError, MemoryError):
     """A run would need more memory (or windows) than allowed."""
 
 
+#: where a container's memory limit is read (cgroup v2, then v1); "max" or a huge number: none
+CGROUP_LIMIT_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def cgroup_memory_bytes(files: Sequence[str] | None = None) -> int | None:
+    """The memory limit of this process's container (Docker ``--memory``, a Kubernetes limit,
+    a batch job's cgroup), or None when there is none. ``sysconf`` reports the host's RAM inside
+    a container, so a limit taken from it alone lets a run grow until the kernel kills it."""
+    for name in CGROUP_LIMIT_FILES if files is None else files:
+        try:
+            text = Path(name).read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if text.isdigit() and 0 < int(text) < 2**60:  # cgroup v1 writes ~2**63 for "no limit"
+            return int(text)
+    return None
+
+
 def physical_memory_bytes() -> int | None:
-    """This machine's RAM, or None when it cannot be read."""
+    """The memory this process may use: the machine's RAM, or its container's limit if lower;
+    None when neither can be read."""
     try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+        ram: int | None = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return None
+        ram = None
+    limit = cgroup_memory_bytes()
+    if ram is None or (limit is not None and limit < ram):
+        return limit
+    return ram
 
 
 def default_memory_limit_gb() -> float:
-    """``UNISEGTEXT_MAX_MEMORY_GB`` if set, else 80 % of the machine's RAM (16 GB if unknown)."""
+    """``UNISEGTEXT_MAX_MEMORY_GB`` if set, else 80 % of the machine's RAM or of its container's
+    memory limit, whichever is lower (16 GB if neither is known)."""
     env = os.environ.get("UNISEGTEXT_MAX_MEMORY_GB")
     if env:
         try:
@@ -75,15 +100,17 @@ class MemoryEstimate:
     probability_bytes: int
     output_bytes: int
     base_bytes: int = BASE_BYTES
+    window_bytes: int = 0
 
     @property
     def total(self) -> int:
-        return self.input_bytes + self.model_grid_bytes + self.probability_bytes + self.output_bytes + self.base_bytes
+        return (self.input_bytes + self.model_grid_bytes + self.probability_bytes + self.output_bytes
+                + self.base_bytes + self.window_bytes)
 
     def describe(self) -> str:
         parts = [("input", self.input_bytes), ("model grid", self.model_grid_bytes),
                  ("probability maps", self.probability_bytes), ("masks", self.output_bytes),
-                 ("model", self.base_bytes)]
+                 ("model", self.base_bytes), ("window activations", self.window_bytes)]
         return ", ".join(f"{name} {value / GiB:.2f} GB" for name, value in parts)
 
 
@@ -102,6 +129,7 @@ def estimate_run_memory(
     n_prompts: int,
     *,
     return_probabilities: bool = False,
+    window_bytes: int = 0,
 ) -> MemoryEstimate:
     """Peak memory of one segmentation run.
 
@@ -112,6 +140,8 @@ def estimate_run_memory(
         n_texts: texts queried (a union prompt queries several).
         n_prompts: masks returned.
         return_probabilities: float maps on the input grid are returned too.
+        window_bytes: activations of one batch of sliding windows
+            (:func:`window_activation_bytes`), beyond what ``BASE_BYTES`` covers.
     """
     n_input = math.prod(int(s) for s in shape)
     n_model = math.prod(model_grid_shape(shape, spacing_mm, target_spacing_mm))
@@ -119,7 +149,42 @@ def estimate_run_memory(
     model_grid = n_model * 4 * 2  # resampled image + the window importance/count map
     probabilities = n_model * 4 * max(1, n_texts) * 2  # output accumulator + post-processed copy
     output = n_input * max(1, n_prompts) * (1 + (4 if return_probabilities else 0)) + n_input * 4 * 2
-    return MemoryEstimate(input_bytes, model_grid, probabilities, output)
+    return MemoryEstimate(input_bytes, model_grid, probabilities, output, window_bytes=window_bytes)
+
+
+#: float32 values held per voxel of a window and per feature channel at the peak of one forward
+#: pass (measured on the CPU, 2026-12-06: about 3 for the nano and tiny presets; 4 keeps a margin)
+ACTIVATION_COPIES = 4
+#: part of one window's activations that BASE_BYTES already covers (the nano default's window)
+BASE_WINDOW_BYTES = 256 * 2**20
+
+
+def window_activation_bytes(
+    patch_size: Sequence[int],
+    channels: Sequence[int],
+    embed_dim: int,
+    feature_levels: Sequence[int],
+    d_model: int,
+    n_texts: int,
+    max_prompts_per_pass: int,
+    sw_batch_size: int,
+) -> int:
+    """Activation memory of one batch of sliding windows, beyond the part in ``BASE_BYTES``.
+
+    A window of V voxels holds, at its peak, a few float32 copies of the backbone's feature maps
+    (level l has V / 8**l voxels with ``channels[l]`` channels each), of the voxel embedding, of
+    the decoder's visual tokens (``d_model`` wide, at each of ``feature_levels``) and of the mask
+    probabilities of its prompts; ``sw_batch_size`` windows run together. A config with a large
+    patch, wide channels or many windows per pass would otherwise pass the memory check and then
+    exhaust the machine.
+    """
+    voxels = math.prod(int(s) for s in patch_size)
+    per_voxel = sum(c / 8**level for level, c in enumerate(channels)) + embed_dim
+    per_voxel += sum(d_model / 8**level for level in feature_levels if 0 <= level < len(channels))
+    per_voxel *= ACTIVATION_COPIES
+    per_voxel += 2 * max(1, n_texts) + 3 * max(1, min(n_texts, max_prompts_per_pass))  # outputs; logits
+    total = int(voxels * 4 * per_voxel * max(1, sw_batch_size))
+    return max(0, total - BASE_WINDOW_BYTES)
 
 
 def check_memory(estimate: MemoryEstimate, max_memory_gb: float | None, what: str) -> None:

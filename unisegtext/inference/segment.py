@@ -244,6 +244,7 @@ def segment(
         check_overlap,
         estimate_run_memory,
         model_grid_shape,
+        window_activation_bytes,
     )
 
     if is_routed(model):  # backend names, "auto" or a list: the routing table decides per prompt
@@ -257,6 +258,9 @@ def segment(
     prompts = check_prompts(prompts)
     if threshold is not None and not _in_unit_interval(threshold):
         raise UniSegError(f"threshold must be a number within [0, 1], got {threshold!r}")
+    for name, value, most in (("sw_batch_size", sw_batch_size, 64), ("max_prompts_per_pass", max_prompts_per_pass, 1024)):
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most):
+            raise UniSegError(f"{name} must be an integer within 1..{most}, got {value!r}")
     vol = read_volume(volume, affine, modality=modality, channel=channel, series_uid=series_uid,
                       max_memory_gb=max_memory_gb)
     timings["read"] = time.perf_counter() - t0
@@ -277,8 +281,12 @@ def segment(
     grid = model_grid_shape(vol.shape, vol.spacing, cfg.preprocessing.spacing_mm)
     check_overlap(overlap, grid, cfg.preprocessing.patch_size)
     overlap = float(overlap)
+    windows = window_activation_bytes(
+        cfg.preprocessing.patch_size, cfg.backbone.channels, cfg.backbone.embed_dim, cfg.decoder.feature_levels,
+        cfg.decoder.d_model, len(texts), max_prompts_per_pass or cfg.inference.max_prompts_per_pass,
+        sw_batch_size or cfg.inference.sw_batch_size)
     estimate = estimate_run_memory(vol.shape, vol.spacing, cfg.preprocessing.spacing_mm, len(texts), len(prompts),
-                                   return_probabilities=return_probabilities)
+                                   return_probabilities=return_probabilities, window_bytes=windows)
     check_memory(estimate, max_memory_gb, f"segmenting {vol.source or 'the scan'} {vol.shape} at "
                                           f"{tuple(round(s, 3) for s in vol.spacing)} mm with {len(prompts)} prompt(s)")
     chosen_modality, modality_source = vol.decide_modality()

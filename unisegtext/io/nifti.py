@@ -48,9 +48,9 @@ def read_nifti(path: str | os.PathLike, *, channel: int | None = None, modality:
         raw = _raw_header(path)
         _check_voxel_sizes(raw, path)
         shape = tuple(int(s) for s in raw.get_data_shape())
-        spatial = shape[:3]
+        _check_dimensions(shape, str(path))  # before reading: a 40^3 x 1 x 32767 file is 8 GB of data
         voxels = 1
-        for n in spatial:
+        for n in shape[:3]:  # one 3D volume is read (of a 4D file: the chosen channel)
             voxels *= max(1, n)
         check_input_size(voxels, max_memory_gb, str(path))
         img = nib.load(str(path))
@@ -96,6 +96,17 @@ def _check_voxel_sizes(header, path: Path) -> None:
     )
 
 
+def _check_dimensions(shape: tuple[int, ...], what: str) -> None:
+    """Refuse images with more than 4 dimensions (beyond trailing axes of size 1): which of their
+    volumes is the scan cannot be chosen, and reading them all could take any amount of memory."""
+    extra = [int(n) for n in shape[4:]]
+    if any(n > 1 for n in extra):
+        raise VolumeError(
+            f"{what} has {len(shape)} dimensions {tuple(int(n) for n in shape)}; pass one 3D volume (or a 4D "
+            "file with channel=N / --channel N). Save the volume you want to segment as its own NIfTI file"
+        )
+
+
 def volume_from_nifti(img: Any, *, channel: int | None = None, modality: str | None = None, source: str | None = None) -> Volume:
     """Turn a nibabel spatial image into a :class:`Volume` (keeps its header)."""
     if not hasattr(img, "affine") or not hasattr(img, "get_fdata"):
@@ -105,6 +116,7 @@ def volume_from_nifti(img: Any, *, channel: int | None = None, modality: str | N
     if hasattr(img, "get_data_dtype") and np.dtype(img.get_data_dtype()).kind == "c":  # get_fdata would drop the imaginary part
         raise VolumeError(f"{what} holds complex numbers ({np.dtype(img.get_data_dtype())}); pass the magnitude image "
                           "(e.g. np.abs(data)): dropping the imaginary part silently would change the scan")
+    _check_dimensions(shape, what)
     if len(shape) == 4 and shape[3] > 1:
         if channel is None:
             raise VolumeError(
@@ -119,6 +131,8 @@ def volume_from_nifti(img: Any, *, channel: int | None = None, modality: str | N
             array = np.asarray(img.get_fdata(dtype=np.float32))
         except (EOFError, zlib.error, OSError, ValueError) as exc:
             raise VolumeError(f"{what}: the image data is truncated or corrupt ({exc})") from exc
+        if array.ndim > 3 and all(n == 1 for n in array.shape[3:]):  # (X, Y, Z, 1, 1): one volume
+            array = array.reshape(array.shape[:3])
     header = img.header.copy() if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) else None
     return Volume(array, np.asarray(img.affine), modality=modality, header=header, source=source)
 
