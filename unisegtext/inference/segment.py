@@ -281,10 +281,11 @@ def segment(
     grid = model_grid_shape(vol.shape, vol.spacing, cfg.preprocessing.spacing_mm)
     check_overlap(overlap, grid, cfg.preprocessing.patch_size)
     overlap = float(overlap)
+    sw_batch_size = sw_batch_size or cfg.inference.sw_batch_size
+    max_prompts_per_pass = max_prompts_per_pass or cfg.inference.max_prompts_per_pass
     windows = window_activation_bytes(
         cfg.preprocessing.patch_size, cfg.backbone.channels, cfg.backbone.embed_dim, cfg.decoder.feature_levels,
-        cfg.decoder.d_model, len(texts), max_prompts_per_pass or cfg.inference.max_prompts_per_pass,
-        sw_batch_size or cfg.inference.sw_batch_size)
+        cfg.decoder.d_model, len(texts), max_prompts_per_pass, sw_batch_size)
     estimate = estimate_run_memory(vol.shape, vol.spacing, cfg.preprocessing.spacing_mm, len(texts), len(prompts),
                                    return_probabilities=return_probabilities, window_bytes=windows)
     check_memory(estimate, max_memory_gb, f"segmenting {vol.source or 'the scan'} {vol.shape} at "
@@ -308,8 +309,8 @@ def segment(
     probabilities = predict_probabilities(
         net, prepared, text_embeddings,
         overlap=overlap,
-        sw_batch_size=sw_batch_size or cfg.inference.sw_batch_size,
-        max_prompts_per_pass=max_prompts_per_pass or cfg.inference.max_prompts_per_pass,
+        sw_batch_size=sw_batch_size,
+        max_prompts_per_pass=max_prompts_per_pass,
         blend_mode=cfg.inference.blend_mode,
         progress=progress,
         temperature=cfg.inference.temperature,
