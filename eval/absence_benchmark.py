@@ -19,7 +19,9 @@ Figures: presence AUROC, absent prompts that still get a non-empty mask, present
 called absent; with ``--fit`` the presence model is fitted leave-one-scan-out (each scan's
 figures come from a model fitted on the other scans), and the temperature T is fitted on the
 voxels of the validation scans (binary NLL over the region around each labelled structure, the
-same region as the ECE), with voxel ECE per dataset before and after. ``--write-config`` stores
+same region as the ECE), with voxel ECE per dataset before and after. A temperature per modality
+is fitted too and stored instead of the single one only where it gives a lower ECE on held-out
+scans (leave one scan out) on every dataset. ``--write-config`` stores
 T and the presence model fitted on all validation pairs into the checkpoint's config.json (the
 weights do not change) and the reliability diagrams next to it; the presence model only where its
 leave-one-scan-out error rates are no worse than the shipped decision's (else the config keeps
@@ -85,7 +87,7 @@ def run(model, pairs: list[dict], *, with_voxels: bool) -> tuple[list[dict], dic
     from unisegtext.knowledge import load_tree
 
     tree = load_tree()
-    temperature = float(model.config.inference.temperature)
+    inference = model.config.inference
     by_scan: dict[tuple, list[dict]] = {}
     for pair in pairs:
         by_scan.setdefault((pair["dataset"], pair["case"]), []).append(pair)
@@ -110,11 +112,12 @@ def run(model, pairs: list[dict], *, with_voxels: bool) -> tuple[list[dict], dic
                 prob = result.probabilities[prompt]
                 roi = roi_around(reference, prob, ROI_MARGIN_MM, spacing)
                 p = np.clip(prob[roi].astype(np.float64), 1e-6, 1 - 1e-6)
-                logits = np.log(p / (1 - p)) * temperature  # back to raw logits
-                store = voxels.setdefault(dataset, {"logits": [], "labels": []})
+                logits = np.log(p / (1 - p)) * inference.temperature_for(result.modality)  # back to raw logits
+                store = voxels.setdefault(dataset, {"logits": [], "labels": [], "cases": [], "modality": result.modality})
                 keep = np.random.default_rng(len(store["logits"])).random(logits.size) < min(1.0, 200_000 / logits.size)
                 store["logits"].append(logits[keep].astype(np.float32))
                 store["labels"].append(reference[roi][keep])
+                store["cases"].append(case)
         print(f"{dataset}/{case}: {len(mine)} prompts in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return rows, voxels
 
@@ -166,16 +169,58 @@ def leave_one_scan_out(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return scores, decisions
 
 
-def ece_table(voxels: dict, temperature: float) -> dict:
+def ece_table(voxels: dict, temperatures: dict[str, float]) -> dict:
+    """Voxel ECE and Brier per dataset, each dataset's logits divided by its temperature."""
     from unisegtext.evaluation.calibration import calibration_stats
 
     out = {}
     for dataset, store in voxels.items():
         logits = np.concatenate(store["logits"]).astype(np.float64)
         labels = np.concatenate(store["labels"])
-        stats = calibration_stats(1 / (1 + np.exp(-logits / temperature)), labels)
+        stats = calibration_stats(1 / (1 + np.exp(-logits / temperatures[dataset])), labels)
         out[dataset] = {"voxels": int(labels.size), "ece": stats.ece, "brier": stats.brier, "stats": stats}
     return out
+
+
+def _voxels(voxels: dict, keep) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of every (dataset, case) that `keep` accepts."""
+    logits, labels = [], []
+    for dataset, store in voxels.items():
+        for lg, lb, case in zip(store["logits"], store["labels"], store["cases"]):
+            if keep(dataset, store["modality"], case):
+                logits.append(lg)
+                labels.append(lb)
+    if not logits:
+        return np.zeros(0), np.zeros(0, dtype=bool)
+    return np.concatenate(logits).astype(np.float64), np.concatenate(labels)
+
+
+def compare_temperatures(voxels: dict) -> dict:
+    """One temperature for the model against one per modality, judged leave one scan out: each
+    validation scan's voxels are calibrated with temperatures fitted on the other scans, and the
+    held-out voxels of each dataset give its ECE. The scheme with the lower held-out ECE on every
+    dataset is stored (else the single one: simpler, and fitted on more voxels)."""
+    from unisegtext.evaluation.calibration import calibration_stats
+    from unisegtext.inference.presence import fit_temperature
+
+    held: dict[str, dict[str, list]] = {}
+    for dataset, store in voxels.items():
+        for case in sorted(set(store["cases"])):
+            test_logits, test_labels = _voxels(voxels, lambda d, m, c: (d, c) == (dataset, case))
+            global_t = fit_temperature(*_voxels(voxels, lambda d, m, c: (d, c) != (dataset, case)))
+            same = _voxels(voxels, lambda d, m, c: m == store["modality"] and (d, c) != (dataset, case))
+            modality_t = fit_temperature(*same) if same[0].size else global_t
+            entry = held.setdefault(dataset, {"labels": [], "single": [], "per_modality": []})
+            entry["labels"].append(test_labels)
+            entry["single"].append(1 / (1 + np.exp(-test_logits / global_t)))
+            entry["per_modality"].append(1 / (1 + np.exp(-test_logits / modality_t)))
+    out = {}
+    for dataset, entry in held.items():
+        labels = np.concatenate(entry["labels"])
+        out[dataset] = {scheme: calibration_stats(np.concatenate(entry[scheme]), labels).ece
+                        for scheme in ("single", "per_modality")}
+    per_modality_better = all(v["per_modality"] < v["single"] for v in out.values())
+    return {"held_out_ece": out, "chosen": "per_modality" if per_modality_better else "single"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,11 +258,16 @@ def main(argv: list[str] | None = None) -> int:
         presence_model = fit_presence([r["features"] for r in rows], [r["truth_present"] for r in rows])
         presence_model.update(threshold=0.5, fitted_on=f"validation splits of {', '.join(data)}: {len(rows)} (scan, prompt) pairs "
                                                       f"({sum(r['truth_present'] for r in rows)} present)")
-        logits = np.concatenate([np.concatenate(v["logits"]) for v in voxels.values()]).astype(np.float64)
-        labels = np.concatenate([np.concatenate(v["labels"]) for v in voxels.values()])
-        temperature = fit_temperature(logits, labels)
-        before, after = ece_table(voxels, 1.0), ece_table(voxels, temperature)
+        temperature = fit_temperature(*_voxels(voxels, lambda d, m, c: True))
+        by_modality = {m: fit_temperature(*_voxels(voxels, lambda d, mm, c, m=m: mm == m))
+                       for m in sorted({v["modality"] for v in voxels.values()})}
+        comparison = compare_temperatures(voxels)
+        per_modality = comparison["chosen"] == "per_modality"
+        chosen = {d: (by_modality[v["modality"]] if per_modality else temperature) for d, v in voxels.items()}
+        before, after = ece_table(voxels, {d: 1.0 for d in voxels}), ece_table(voxels, chosen)
         report["temperature"] = temperature
+        report["temperature_by_modality"] = by_modality
+        report["temperature_scheme"] = comparison
         report["presence_model"] = presence_model
         report["ece"] = {d: {"voxels": before[d]["voxels"], "before": before[d]["ece"], "after": after[d]["ece"],
                              "brier_before": before[d]["brier"], "brier_after": after[d]["brier"]} for d in before}
@@ -228,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(args.model)
             config = UniSegTextConfig.from_json(folder / "config.json")
             config.inference.temperature = round(temperature, 4)
+            config.inference.temperature_by_modality = ({m: round(t, 4) for m, t in by_modality.items()}
+                                                        if per_modality else {})
             # the fitted presence model replaces the shipped decision only where it is no worse,
             # leave one scan out, on both error rates (else it would blank present structures)
             fitted, shipped = report["presence_leave_one_scan_out"], report["as_shipped"]
@@ -240,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 for tag, table in (("before", before), ("after", after)):
                     plot_reliability_diagram(table[dataset]["stats"], folder / f"reliability_{dataset}_{tag}.png",
                                              title=f"{dataset}, validation voxels, {tag} temperature scaling"
-                                                   + (f" (T = {temperature:.2f})" if tag == "after" else ""))
+                                                   + (f" (T = {chosen[dataset]:.2f})" if tag == "after" else ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(json_safe(report), indent=1) + "\n")
     print(json.dumps(json_safe({k: v for k, v in report.items() if k != "rows"}), indent=1))

@@ -46,6 +46,41 @@ def test_features_and_uncalibrated_decision():
     assert presence_probability(features, None) == pytest.approx(0.9, abs=1e-6)
 
 
+def test_presence_features_do_not_depend_on_the_stored_temperature():
+    # the presence model is fitted on uncalibrated maps; a map made with T = 2 must give it the
+    # same inputs (before the fix, the largest logit was halved and the mean inside shrank)
+    logits = torch.linspace(-6, 6, 1000).reshape(10, 10, 10)
+    raw = presence_features(torch.sigmoid(logits), 0.5, 8.0)
+    for t in (0.5, 2.0, 3.7):
+        scaled = presence_features(torch.sigmoid(logits / t), 0.5, 8.0, temperature=t)
+        np.testing.assert_allclose(scaled, raw, rtol=1e-3, atol=1e-4)  # float32 maps
+
+
+def test_temperature_per_modality(ct_path, tiny_model_dir, tmp_path):
+    from unisegtext.models import UniSegText
+    from unisegtext.models.config import ConfigError, UniSegTextConfig
+
+    config = UniSegTextConfig.from_dict({"inference": {"temperature": 1.5, "temperature_by_modality": {"MR": 3.0}}})
+    assert config.inference.temperature_for("MR") == 3.0 and config.inference.temperature_for("CT") == 1.5
+    assert config.inference.temperature_for(None) == 1.5
+    for bad in ({"PET": 2.0}, {"CT": 0.0}, {"CT": float("nan")}, {"CT": True}):
+        with pytest.raises(ConfigError, match="temperature_by_modality"):
+            UniSegTextConfig.from_dict({"inference": {"temperature_by_modality": bad}})
+
+    # segment() applies the scan's modality's temperature: CT at T = 4 flattens the map of a
+    # CT scan, an MR-only entry leaves it as it was
+    base = segment(ct_path, ["liver"], model=str(tiny_model_dir), modality="CT", progress=False, return_probabilities=True)
+    model = UniSegText.from_pretrained(tiny_model_dir)
+    model.config.inference.temperature_by_modality = {"MR": 4.0}
+    same = segment(ct_path, ["liver"], model=model, modality="CT", progress=False, return_probabilities=True)
+    np.testing.assert_allclose(same.probabilities["liver"], base.probabilities["liver"], atol=1e-6)
+    model.config.inference.temperature_by_modality = {"CT": 4.0}
+    flat = segment(ct_path, ["liver"], model=model, modality="CT", progress=False, return_probabilities=True)
+    spread = lambda p: float(np.abs(p - 0.5).mean())  # noqa: E731
+    assert spread(flat.probabilities["liver"]) < spread(base.probabilities["liver"])
+    assert flat.presence_features["liver"] == pytest.approx(base.presence_features["liver"], abs=0.05)
+
+
 def test_fitted_presence_separates_and_temperature_recovers_a_known_scale():
     rng = np.random.default_rng(0)
     present = np.column_stack([rng.normal(4, 1, 50), rng.normal(5, 1, 50), rng.normal(0.9, 0.05, 50)])
@@ -142,3 +177,29 @@ def test_absence_benchmark_pairs_are_built_from_validation_splits_only(shared_da
     outside = [p for p in pairs if p["kind"] == "outside_field_of_view"]
     assert {p["concept"] for p in outside} == {"liver", "gallbladder"} and {p["dataset"] for p in outside} == {"la_mri_2018"}
     assert bench.auroc(np.array([0.9, 0.8, 0.1, 0.8]), np.array([True, True, False, False])) == pytest.approx(0.875)
+
+
+def test_a_temperature_per_modality_is_chosen_only_when_held_out_scans_say_so():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("absence_benchmark", REPO / "eval" / "absence_benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+
+    def dataset(modality: str, scale: float, scans: int) -> dict:
+        store = {"logits": [], "labels": [], "cases": [], "modality": modality}
+        for case in range(scans):
+            z = rng.normal(0, 4, 4000)
+            store["logits"].append(z)
+            store["labels"].append(rng.random(z.size) < 1 / (1 + np.exp(-z / scale)))
+            store["cases"].append(f"s{case}")
+        return store
+
+    # CT logits twice too confident, MR logits half as confident as they should be: one T cannot fit both
+    split = bench.compare_temperatures({"ct": dataset("CT", 2.0, 4), "mr": dataset("MR", 0.5, 4)})
+    assert split["chosen"] == "per_modality"
+    assert all(v["per_modality"] < v["single"] for v in split["held_out_ece"].values())
+    # the same miscalibration in both: the single temperature is kept
+    same = bench.compare_temperatures({"ct": dataset("CT", 2.0, 4), "mr": dataset("MR", 2.0, 4)})
+    assert same["chosen"] == "single"

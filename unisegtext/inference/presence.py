@@ -26,14 +26,24 @@ import torch
 FEATURES = ("max_logit", "log_volume_ml", "mean_probability_inside")
 
 
-def presence_features(probability: torch.Tensor, threshold: float, voxel_ml: float) -> np.ndarray:
-    """(3,) features of one model-space probability map (X', Y', Z')."""
+def presence_features(probability: torch.Tensor, threshold: float, voxel_ml: float, temperature: float = 1.0) -> np.ndarray:
+    """(3,) features of one model-space probability map (X', Y', Z').
+
+    The features are those of the uncalibrated map whatever the temperature the map was made
+    with (``probability = sigmoid(logit / temperature)``): the presence model is fitted on
+    uncalibrated maps, and a stored temperature must not shift its inputs.
+    """
     top = float(probability.max()) if probability.numel() else 0.0
     top = min(max(top, 1e-6), 1 - 1e-6)
     mask = probability > threshold
     n = int(mask.sum())
-    inside = float(probability[mask].mean()) if n else 0.0
-    return np.array([math.log(top / (1 - top)), math.log1p(n * voxel_ml), inside], dtype=np.float64)
+    inside = 0.0
+    if n:
+        p = probability[mask].double()
+        if temperature != 1.0:
+            p = torch.sigmoid(torch.logit(p, eps=1e-6) * temperature)
+        inside = float(p.mean())
+    return np.array([temperature * math.log(top / (1 - top)), math.log1p(n * voxel_ml), inside], dtype=np.float64)
 
 
 def presence_probability(features: np.ndarray, model: Mapping[str, Any] | None) -> float:

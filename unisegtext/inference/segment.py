@@ -306,6 +306,7 @@ def segment(
     timings["preprocess"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    temperature = cfg.inference.temperature_for(chosen_modality)
     probabilities = predict_probabilities(
         net, prepared, text_embeddings,
         overlap=overlap,
@@ -313,7 +314,7 @@ def segment(
         max_prompts_per_pass=max_prompts_per_pass,
         blend_mode=cfg.inference.blend_mode,
         progress=progress,
-        temperature=cfg.inference.temperature,
+        temperature=temperature,
     )
     timings["inference"] = time.perf_counter() - t
 
@@ -325,7 +326,7 @@ def segment(
     text_presence: dict[str, tuple[float, bool]] = {}
     text_features: dict[str, np.ndarray] = {}
     for text, i in index.items():
-        features = presence_features(probabilities[i], threshold, voxel_ml)
+        features = presence_features(probabilities[i], threshold, voxel_ml, temperature)
         probability = presence_probability(features, presence_model)
         text_presence[text] = (probability, decide(probability, features, presence_model))
         text_features[text] = features

@@ -132,6 +132,9 @@ class InferenceConfig:
             kidney ...), as nnU-Net's and TotalSegmentator's post-processing does.
         temperature: probabilities are sigmoid(logit / temperature); fitted on the validation
             splits (temperature scaling) so that they mean what they say; 1 = uncalibrated.
+        temperature_by_modality: a temperature per modality ("CT", "MR") where one per
+            modality measured better than the single one on held-out validation scans; a
+            modality not listed uses ``temperature``.
         presence: the presence model (:mod:`unisegtext.inference.presence`): ``weights`` (3),
             ``bias``, decision ``threshold``, and how it was fitted; empty = "present when the
             mask is not empty".
@@ -145,7 +148,12 @@ class InferenceConfig:
     bf16_cpu: bool = False
     keep_largest_component: bool = False
     temperature: float = 1.0
+    temperature_by_modality: dict[str, float] = field(default_factory=dict)
     presence: dict[str, Any] = field(default_factory=dict)
+
+    def temperature_for(self, modality: str | None) -> float:
+        """The temperature for a scan of this modality (the single one when none is listed)."""
+        return float(self.temperature_by_modality.get(modality or "", self.temperature))
 
 
 @dataclass
@@ -374,6 +382,11 @@ def _range_problems(config: UniSegTextConfig) -> list[str]:
     need(0.0 <= i.threshold <= 1.0, f"inference.threshold must be within [0, 1], got {i.threshold}")
     need(math.isfinite(i.temperature) and 0.01 <= i.temperature <= 100.0,
          f"inference.temperature must be within 0.01..100, got {i.temperature}")
+    need(isinstance(i.temperature_by_modality, dict)
+         and all(k in ("CT", "MR") and isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and math.isfinite(v) and 0.01 <= v <= 100.0 for k, v in i.temperature_by_modality.items()),
+         "inference.temperature_by_modality must map 'CT' / 'MR' to temperatures within 0.01..100, got "
+         f"{i.temperature_by_modality!r}"[:300])
     if i.presence:
         weights, bias, cut = i.presence.get("weights"), i.presence.get("bias"), i.presence.get("threshold", 0.5)
         ok = (isinstance(weights, list) and len(weights) == 3
