@@ -69,6 +69,36 @@ def test_random_windows_include_air_and_absent_prompts():
     assert 0.35 <= absent / (positives + absent) <= 0.8, (positives, absent)
 
 
+def test_out_of_view_concepts_become_absent_prompts_only_when_asked():
+    """A source that annotates one structure (the LA crops) never taught "absent" (0 of 708 LA
+    pairs in stage 3's log); its descriptor's outside_field_of_view concepts are absent from every
+    scan, so they are valid negatives with empty masks."""
+    from unisegtext.training.sources import _outside_field_of_view
+
+    assert "liver" in _outside_field_of_view("la_mri_2018") and _outside_field_of_view("no_such_dataset") == []
+    label = np.zeros((48, 48, 48), dtype=np.uint8)
+    label[10:30, 10:30, 10:30] = 1
+    case = TrainingCase(source="la", case="c0", image=np.where(label > 0, 0.5, -1.0).astype(np.float32), label=label,
+                        targets={"heart_left_atrium": [1]}, annotated=["heart_left_atrium"], present=["heart_left_atrium"],
+                        pad_value=-1.0, modality="MR", out_of_view=["liver", "spleen", "not_trained_anywhere"])
+    pre = config_from_preset("tiny", preprocessing={"patch_size": (32, 32, 32)}).preprocessing
+    texts = PromptTexts(["heart_left_atrium", "liver", "spleen"], "{name}", 0.0)
+    source = {"la": SourceCases("la", 1.0, [case], {"heart_left_atrium": [0]})}
+    off = PatchDataset(source, recipe(foreground_prob=1.0, absent_fraction=0.5), pre, texts)
+    on = PatchDataset(source, recipe(foreground_prob=1.0, absent_fraction=0.5, out_of_view_negatives=True), pre, texts)
+    for i in range(6):
+        assert off[i].concepts == ["heart_left_atrium"]
+        sample = on[i]
+        # one positive, so absent_fraction 0.5 asks for one absent prompt: liver or spleen
+        assert sample.concepts[0] == "heart_left_atrium" and len(sample.concepts) == 2, sample.concepts
+        assert sample.concepts[1] in {"liver", "spleen"}
+        assert "not_trained_anywhere" not in sample.concepts
+        for concept, target in zip(sample.concepts, sample.targets):
+            if concept != "heart_left_atrium":
+                assert not target.any()  # absent: an empty mask
+        assert sample.targets[0].any()
+
+
 def test_absent_fraction_sets_the_share_of_absent_prompts():
     """For patches where a few organs are present, absent_fraction 0.5 adds as many absent prompts."""
     data = toy_dataset(foreground_prob=1.0, absent_fraction=0.5)

@@ -105,6 +105,10 @@ class SamplingSection:
         synonym_prob: probability that a prompt uses a knowledge-tree synonym instead of the name.
         crop_margin: extra context cropped around the patch before spatial augmentation
             (fraction of the patch size; avoids padding in rotated corners).
+        out_of_view_negatives: also draw, as absent prompts, the concepts that the source's
+            descriptor lists in ``outside_field_of_view`` (no scan of the dataset can show them:
+            abdominal organs on a cardiac MR crop) and that some source trains; without it a
+            dataset that annotates one structure never teaches "absent".
     """
 
     batch_size: int = 2
@@ -114,6 +118,7 @@ class SamplingSection:
     foreground_prob: float = 0.67
     synonym_prob: float = 0.3
     crop_margin: float = 0.25
+    out_of_view_negatives: bool = False
 
 
 @dataclass

@@ -167,6 +167,8 @@ class TrainingCase:
         present: annotated concepts with at least one voxel.
         pad_value: normalised intensity of "outside".
         modality: "CT" or "MR".
+        out_of_view: concepts no scan of the source can show (its descriptor's
+            ``outside_field_of_view``): absent everywhere in the case, so valid negatives.
     """
 
     source: str
@@ -178,6 +180,7 @@ class TrainingCase:
     present: list[str]
     pad_value: float
     modality: str
+    out_of_view: list[str] = field(default_factory=list)
     _coords: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def foreground(self, concept: str) -> np.ndarray:
@@ -203,6 +206,16 @@ class SourceCases:
     @property
     def concepts(self) -> list[str]:
         return sorted(self.concept_cases)
+
+
+def _outside_field_of_view(dataset: str) -> list[str]:
+    """The registry's ``outside_field_of_view`` of a dataset (empty for one not registered)."""
+    from unisegtext.data import get_descriptor
+
+    try:
+        return list(get_descriptor(dataset).outside_field_of_view)
+    except Exception:  # a source outside the registry (tests, private data): nothing known
+        return []
 
 
 def load_sources(index: dict[str, Any], sources: Sequence[Any], preprocessing: PreprocessingConfig,
@@ -231,6 +244,7 @@ def load_sources(index: dict[str, Any], sources: Sequence[Any], preprocessing: P
                 "(root, splits) and the cache index"
             )
         cases = []
+        out_of_view = _outside_field_of_view(src.dataset)
         for entry in entries:
             cached = load_cached_case(entry, mmap=False)
             modality = entry.get("modality") or "MR"
@@ -246,6 +260,7 @@ def load_sources(index: dict[str, Any], sources: Sequence[Any], preprocessing: P
                     present=[c for c in entry.get("present", []) if c in entry["annotated"]],
                     pad_value=float(pad),
                     modality=modality,
+                    out_of_view=[c for c in out_of_view if c not in entry["annotated"]],
                 )
             )
         concept_cases: dict[str, list[int]] = {}
