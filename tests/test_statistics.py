@@ -153,6 +153,27 @@ def test_colors_come_from_the_knowledge_tree():
     assert all(0 <= c <= 255 for rgb in colors.values() for c in rgb)
 
 
+def test_look_alike_tree_colours_are_told_apart_in_one_result():
+    """The tree gives the liver and the spleen neighbouring greens; on one preview they must differ
+    (the README command's legend showed two indistinguishable greens)."""
+    from unisegtext.io.record import MIN_COLOR_DISTANCE
+    from unisegtext.knowledge import load_tree
+
+    tree = load_tree()
+    liver, spleen = (np.array(tree.get(c).color, dtype=float) for c in ("liver", "spleen"))
+    assert np.linalg.norm(liver - spleen) < MIN_COLOR_DISTANCE  # the case this guards against
+    vol = _volume()
+    mask = np.zeros(vol.shape, dtype=bool)
+    result = _result(vol, {"liver": mask, "spleen": mask, "kidney_left": mask, "aorta": mask})
+    colors = result.colors()
+    assert colors["liver"] == tuple(tree.get("liver").color)  # the first keeps the tree's colour
+    assert colors["kidney_left"] == tuple(tree.get("kidney_left").color)
+    values = [np.array(c, dtype=float) for c in colors.values()]
+    assert all(np.linalg.norm(a - b) >= MIN_COLOR_DISTANCE for i, a in enumerate(values) for b in values[i + 1:])
+    alone = _result(vol, {"spleen": mask}).colors()
+    assert alone["spleen"] == tuple(tree.get("spleen").color)  # nothing to avoid: the tree's colour
+
+
 def test_run_report(tmp_path):
     vol = _volume()
     mask = np.zeros(vol.shape, dtype=bool)

@@ -18,6 +18,9 @@ from unisegtext.io.volume import Volume
 logger = logging.getLogger(__name__)
 
 
+MIN_COLOR_DISTANCE = 60.0  # RGB distance below which two display colours read as one
+
+
 @dataclass
 class PromptResolution:
     """How one prompt was understood.
@@ -144,24 +147,44 @@ class ResultRecord:
 
     def colors(self) -> dict[str, tuple[int, int, int]]:
         """Display colour (r, g, b), 0-255, per prompt: the concept's colour from the
-        knowledge tree, or a distinct fallback colour for prompts without a concept."""
+        knowledge tree, or a distinct fallback colour for prompts without a concept.
+
+        Within one result no two prompts share a look-alike colour: the tree gives organs of
+        one system neighbouring shades (liver (40, 140, 40) and spleen (50, 170, 60)), which a
+        preview legend cannot tell apart; a later prompt whose colour lies within
+        ``MIN_COLOR_DISTANCE`` of an earlier one gets a distinct fallback colour instead.
+        """
         import colorsys
+
+        def fallback(n: int) -> tuple[int, int, int]:
+            hue = (0.13 + 0.618034 * n) % 1.0  # golden-ratio steps keep neighbours apart
+            r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.95)
+            return (round(r * 255), round(g * 255), round(b * 255))
+
+        def distinct(color: tuple[int, int, int], taken: list[tuple[int, int, int]]) -> bool:
+            return all(sum((a - b) ** 2 for a, b in zip(color, other)) >= MIN_COLOR_DISTANCE**2 for other in taken)
 
         tree = None
         colors: dict[str, tuple[int, int, int]] = {}
+        n_fallback = 0
         for n, prompt in enumerate(self.prompts):
             concept_id = self.resolutions[prompt].concept_id if prompt in self.resolutions else None
+            color = None
             if concept_id is not None:
                 if tree is None:
                     from unisegtext.knowledge import load_tree
 
                     tree = load_tree()
                 if concept_id in tree:
-                    colors[prompt] = tuple(int(c) for c in tree.get(concept_id).color)  # type: ignore[assignment]
-                    continue
-            hue = (0.13 + 0.618034 * n) % 1.0  # golden-ratio steps keep neighbours apart
-            r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.95)
-            colors[prompt] = (round(r * 255), round(g * 255), round(b * 255))
+                    color = tuple(int(c) for c in tree.get(concept_id).color)
+            if color is None or not distinct(color, list(colors.values())):
+                color = fallback(n)
+                for _ in range(64):  # a few more golden-ratio steps when that one is taken too
+                    if distinct(color, list(colors.values())):
+                        break
+                    n_fallback += 1
+                    color = fallback(n + 7 * n_fallback)
+            colors[prompt] = color  # type: ignore[assignment]
         return colors
 
     def to_dict(self) -> dict[str, Any]:
