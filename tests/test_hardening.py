@@ -473,11 +473,11 @@ def test_sigterm_at_any_time_leaves_a_complete_set_or_the_previous_one(delay_s, 
     time.sleep(delay_s)
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=120)
-    # 143: terminated while the folder was open; 0: it had finished; -SIGTERM: killed before it opened the folder
+    # 143: terminated while the folder was open; 0: it had finished; -SIGTERM: killed by the default handler,
+    # either before the folder was opened or after it was closed (the set complete, the process still exiting:
+    # seen in CI at 9 s on a slow run). Either way the folder is the previous set or a complete new one.
     assert code in (0, 143, -signal.SIGTERM), proc.stderr.read()
     assert_complete_or_untouched(out, before)
-    if code == -signal.SIGTERM:
-        assert {name: content for name, content in snapshot(out).items() if name != LOCK_NAME} == before
 
 
 def test_a_full_disk_while_writing_keeps_the_previous_set(results, scan_path, tiny_model_dir, tmp_path, capsys,
