@@ -166,7 +166,6 @@ class ResultRecord:
 
         tree = None
         colors: dict[str, tuple[int, int, int]] = {}
-        n_fallback = 0
         for n, prompt in enumerate(self.prompts):
             concept_id = self.resolutions[prompt].concept_id if prompt in self.resolutions else None
             color = None
@@ -177,13 +176,9 @@ class ResultRecord:
                     tree = load_tree()
                 if concept_id in tree:
                     color = tuple(int(c) for c in tree.get(concept_id).color)
-            if color is None or not distinct(color, list(colors.values())):
-                color = fallback(n)
-                for _ in range(64):  # a few more golden-ratio steps when that one is taken too
-                    if distinct(color, list(colors.values())):
-                        break
-                    n_fallback += 1
-                    color = fallback(n + 7 * n_fallback)
+            taken = list(colors.values())
+            if color is None or not distinct(color, taken):  # the first free golden-ratio step
+                color = next((c for c in map(fallback, range(n, n + 64)) if distinct(c, taken)), fallback(n))
             colors[prompt] = color  # type: ignore[assignment]
         return colors
 

@@ -250,7 +250,7 @@ class PatchDataset(torch.utils.data.Dataset):
         absent = [(c, v) for c, v in candidates if not values_present.intersection(v)]
         sampling = self.config.sampling
         if sampling.out_of_view_negatives:  # absent from every scan of the source: empty masks
-            absent += [(c, []) for c in case.out_of_view if c in self.texts.phrases and c not in annotated]
+            absent += [(c, []) for c in case.out_of_view if c in self.texts.phrases]
         order = rng.permutation(len(present))
         present = [present[i] for i in order]
         present.sort(key=lambda cv: cv[0] != drawn)  # the drawn concept first (stable)

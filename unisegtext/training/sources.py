@@ -214,7 +214,7 @@ def _outside_field_of_view(dataset: str) -> list[str]:
 
     try:
         return list(get_descriptor(dataset).outside_field_of_view)
-    except Exception:  # a source outside the registry (tests, private data): nothing known
+    except DataError:  # a source outside the registry (tests, private data): nothing known
         return []
 
 
