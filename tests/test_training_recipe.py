@@ -264,3 +264,31 @@ def test_absent_topk_makes_a_blob_for_an_absent_prompt_cost_what_it_should():
     assert topk.loss > 2.5   # softplus(3) ~ 3.05 over the top 2 %
     clean = partial_label_loss(torch.full_like(logits, -8.0), targets, valid, absent_topk_weight=1.0)
     assert clean.loss < 0.01
+
+
+def test_absent_topk_floor_leaves_weak_evidence_under_the_threshold_alone():
+    """With a floor, an absent prompt's map that already stays under it gets no gradient from
+    the top-k term (v4's stage pushed the spleen's sub-threshold map down in every patch
+    without a spleen, and its Dice stayed 0); a blob above the floor is still penalised."""
+    from unisegtext.training.losses import partial_label_loss
+
+    targets = torch.zeros((1, 1, 20, 20, 20))
+    valid = torch.tensor([[True]])
+    weak = torch.full((1, 1, 20, 20, 20), -6.0)
+    weak[0, 0, :4, :4, :10] = -1.5  # sub-threshold evidence (p ~ 0.18), nothing painted
+    weak.requires_grad_(True)
+    partial_label_loss(weak, targets, valid, absent_topk_weight=1.0, absent_topk_floor=-1.0).loss.backward()
+    floored = weak.grad.clone()
+    weak.grad = None
+    partial_label_loss(weak, targets, valid).loss.backward()
+    mean_bce_only = weak.grad.clone()
+    weak.grad = None
+    partial_label_loss(weak, targets, valid, absent_topk_weight=1.0).loss.backward()
+    unfloored = weak.grad.clone()
+    assert torch.allclose(floored, mean_bce_only)  # the top-k term adds nothing under the floor
+    assert unfloored[0, 0, :4, :4, :10].abs().min() > 20 * mean_bce_only[0, 0, :4, :4, :10].abs().max()
+
+    blob = torch.full((1, 1, 20, 20, 20), -6.0)
+    blob[0, 0, :4, :4, :10] = 3.0  # painted
+    with_floor = partial_label_loss(blob, targets, valid, absent_topk_weight=1.0, absent_topk_floor=-1.0)
+    assert with_floor.loss > 2.5

@@ -207,6 +207,7 @@ class OptimSection:
         absent_topk_weight: weight of the top-k BCE on prompts absent from the patch (see
             :func:`unisegtext.training.losses.partial_label_loss`).
         absent_topk_fraction: the share of a patch's voxels that top-k term looks at.
+        absent_topk_floor: logit under which a top-k voxel costs nothing (None: all count).
     """
 
     lr: float = 1e-3
@@ -228,6 +229,7 @@ class OptimSection:
     mask_separation_margin: float = 0.5
     absent_topk_weight: float = 0.0
     absent_topk_fraction: float = 0.02
+    absent_topk_floor: float | None = None
 
 
 @dataclass

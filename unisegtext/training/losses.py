@@ -48,6 +48,7 @@ def partial_label_loss(
     smooth: float = 1e-5,
     absent_topk_weight: float = 0.0,
     absent_topk_fraction: float = 0.02,
+    absent_topk_floor: float | None = None,
 ) -> LossParts:
     """Dice + BCE for text-prompted masks with partial labels.
 
@@ -62,6 +63,11 @@ def partial_label_loss(
             voxels, a blob painted for an absent structure costs almost nothing (1 % of the
             patch at p = 0.9 adds 0.02 to the BCE), so without it the model learns to paint
             something for every prompt; over the top 2 % it costs as much as it should.
+        absent_topk_floor: when set, only top-k voxels whose logit is above this value count
+            (a hinge): an absent prompt's map is pushed under the floor and then left alone.
+            Without it the term keeps pushing down every weak organ's best voxels in each patch
+            that lacks the organ, and a structure still being learnt (the spleen, the
+            gallbladder) never reaches the painting threshold where it is present.
 
     Returns:
         :class:`LossParts`; ``loss`` is 0 (with a gradient path) when nothing is valid.
@@ -88,7 +94,10 @@ def partial_label_loss(
         k = max(1, int(flat_logits.shape[-1] * absent_topk_fraction))
         # for an empty target the BCE of a voxel grows with its logit: the top-k logits are the hardest voxels
         top = torch.topk(flat_logits[absent], k, dim=-1).values
-        loss = loss + absent_topk_weight * F.softplus(top).mean()
+        penalty = F.softplus(top)
+        if absent_topk_floor is not None:
+            penalty = penalty * (top > absent_topk_floor)
+        loss = loss + absent_topk_weight * penalty.mean()
     return LossParts(
         loss=loss,
         bce=float(bce_term.detach()),

@@ -475,7 +475,8 @@ def train(
             logits, queries, vectors = step_module(image, batch.texts, query_texts, mask_vectors=use_mask_separation)
         parts = partial_label_loss(logits, batch.targets, batch.valid, dice_weight=optim_cfg.dice_weight,
                                    absent_topk_weight=optim_cfg.absent_topk_weight,
-                                   absent_topk_fraction=optim_cfg.absent_topk_fraction)
+                                   absent_topk_fraction=optim_cfg.absent_topk_fraction,
+                                   absent_topk_floor=optim_cfg.absent_topk_floor)
         if queries is not None:
             separation, max_cos = query_separation_loss(queries, query_pairs, optim_cfg.query_margin)
             parts.loss = parts.loss + optim_cfg.query_weight * separation
