@@ -179,7 +179,8 @@ def test_training_logs_per_source_concept_and_validation(tmp_path, shared_data):
             {"dataset": "totalseg_example_ct", "root": str(shared_data / "totalseg_examples"), "weight": 1.0},
         ]},
         "sampling": {"batch_size": 1, "prompts_per_sample": 4, "absent_fraction": 0.5, "foreground_prob": 0.33},
-        "optim": {"lr": 0.001, "warmup_steps": 1, "max_steps": 4, "query_weight": 1.0, "query_margin": 0.7},
+        "optim": {"lr": 0.001, "warmup_steps": 1, "max_steps": 4, "query_weight": 1.0, "query_margin": 0.7,
+                  "lagging_concept_power": 1.0},
         "checkpoint": {"every_steps": 2, "keep_last": 1},
         "validation": {"every_steps": 4, "sources": [{"dataset": "la_mri_2018", "split": "validation", "limit": 1}]},
         "logging": {"every_steps": 1, "detail_every_steps": 2, "tensorboard": False, "progress": False},
@@ -190,12 +191,65 @@ def test_training_logs_per_source_concept_and_validation(tmp_path, shared_data):
     assert [d["step"] for d in detail] == [2, 4]
     assert set().union(*(d["sources"] for d in detail)) <= {"la_mri_2018", "totalseg_example_ct"}
     assert any(d["concepts"] for d in detail)
+    # the lagging-concept weights of the concepts with a positive pair so far are logged
+    assert all(0.25 <= w <= 4.0 for d in detail for w in d["dice_weights"].values())
+    assert any(d["dice_weights"] for d in detail)
     validation = [json.loads(line) for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
     assert [v["step"] for v in validation] == [4]
     rows = validation[0]["rows"]
     assert {r["dataset"] for r in rows} == {"la_mri_2018"} and rows[0]["concept"] == "heart_left_atrium"
     header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
     assert "query_cos_max" in header
+
+
+def test_pair_weights_make_the_dice_term_a_weighted_mean_and_shift_the_gradient():
+    from unisegtext.training.losses import partial_label_loss
+
+    targets = torch.zeros((1, 3, 8, 8, 8))
+    targets[0, 0, :4] = 1   # a learnt organ
+    targets[0, 1, :2, :2] = 1  # a lagging one
+    valid = torch.tensor([[True, True, False]])
+    logits = torch.where(targets > 0, 4.0, -4.0)
+    logits[0, 1] = -4.0  # nothing painted for the lagging one
+    logits.requires_grad_(True)
+    plain = partial_label_loss(logits, targets, valid)
+    per_pair = plain.pair_dice_loss[0, :2]
+    weights = torch.tensor([[0.5, 2.0, 7.0]])  # the padding slot's weight must not count
+    weighted = partial_label_loss(logits, targets, valid, pair_weight=weights)
+    expected = (0.5 * per_pair[0] + 2.0 * per_pair[1]) / 2.5
+    assert weighted.dice == pytest.approx(float(expected), rel=1e-5)
+    assert plain.dice == pytest.approx(float(per_pair.mean()), rel=1e-5)
+    weighted.loss.backward()
+    g_weighted = logits.grad.abs().flatten(2).sum(-1)[0]
+    logits.grad = None
+    plain.loss.backward()
+    g_plain = logits.grad.abs().flatten(2).sum(-1)[0]
+    # the lagging pair pulls harder, the learnt one less (BCE, unweighted, is the same in both)
+    assert g_weighted[1] > 1.1 * g_plain[1] and g_weighted[0] < 0.9 * g_plain[0]
+
+
+def test_lagging_concept_weights_follow_the_running_training_dice_loss():
+    from unisegtext.training.losses import LaggingConceptWeights
+
+    lag = LaggingConceptWeights(power=1.0, momentum=0.5, max_weight=3.0)
+    assert lag.weight("liver") == 1.0  # not seen yet
+    concepts = [["liver", "adrenal_gland_left", "spleen", ""]]
+    valid = torch.tensor([[True, True, True, False]])
+    targets = torch.zeros((1, 4, 4, 4, 4))
+    targets[0, :2, 0, 0, 0] = 1  # spleen absent from the patch: it must not enter the running means
+    for _ in range(5):
+        lag.update(concepts, valid, targets, torch.tensor([[0.1, 0.95, 0.0, 0.0]]))
+    assert set(lag.ema) == {"liver", "adrenal_gland_left"}
+    assert lag.weight("adrenal_gland_left") > 1.0 > lag.weight("liver")
+    assert lag.weight("spleen") == 1.0
+    w = lag.pair_weights(concepts, valid)
+    assert w.shape == (1, 4) and float(w[0, 3]) == 1.0 and float(w[0, 1]) == pytest.approx(lag.weight("adrenal_gland_left"))
+    extreme = LaggingConceptWeights(power=4.0, max_weight=3.0)
+    extreme.update(concepts, valid, targets, torch.tensor([[0.01, 0.99, 0.0, 0.0]]))
+    assert extreme.weight("adrenal_gland_left") == 3.0 and extreme.weight("liver") == pytest.approx(1 / 3)
+    assert LaggingConceptWeights(power=0.0).pair_weights(concepts, valid).eq(1).all()
+    with pytest.raises(ValueError):
+        LaggingConceptWeights(power=-1.0)
 
 
 @pytest.mark.parametrize("bad", [{"absent_fraction": 1.0}, {"foreground_prob": 1.5}])
@@ -292,3 +346,12 @@ def test_absent_topk_floor_leaves_weak_evidence_under_the_threshold_alone():
     blob[0, 0, :4, :4, :10] = 3.0  # painted
     with_floor = partial_label_loss(blob, targets, valid, absent_topk_weight=1.0, absent_topk_floor=-1.0)
     assert with_floor.loss > 2.5
+
+
+@pytest.mark.parametrize("bad", [{"lagging_concept_power": -0.5}, {"lagging_concept_momentum": 1.0},
+                                 {"lagging_concept_max_weight": 0.5}])
+def test_lagging_concept_values_are_checked(bad):
+    from unisegtext.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        TrainConfig.from_dict({"data": {"sources": [{"dataset": "toy"}]}, "optim": bad})

@@ -208,6 +208,11 @@ class OptimSection:
             :func:`unisegtext.training.losses.partial_label_loss`).
         absent_topk_fraction: the share of a patch's voxels that top-k term looks at.
         absent_topk_floor: logit under which a top-k voxel costs nothing (None: all count).
+        lagging_concept_power: weigh each positive pair's Dice loss by its concept's running
+            training Dice loss relative to the other concepts', to this power (0 = off; see
+            :class:`unisegtext.training.losses.LaggingConceptWeights`).
+        lagging_concept_momentum: momentum of those running means (per positive pair seen).
+        lagging_concept_max_weight: weights are clipped to [1 / this, this].
     """
 
     lr: float = 1e-3
@@ -230,6 +235,9 @@ class OptimSection:
     absent_topk_weight: float = 0.0
     absent_topk_fraction: float = 0.02
     absent_topk_floor: float | None = None
+    lagging_concept_power: float = 0.0
+    lagging_concept_momentum: float = 0.98
+    lagging_concept_max_weight: float = 4.0
 
 
 @dataclass
@@ -346,6 +354,12 @@ class TrainConfig:
             problems.append(f"sampling.absent_fraction must be within [0, 1), got {self.sampling.absent_fraction}")
         if not 0 <= self.sampling.foreground_prob <= 1:
             problems.append(f"sampling.foreground_prob must be within [0, 1], got {self.sampling.foreground_prob}")
+        if self.optim.lagging_concept_power < 0:
+            problems.append(f"optim.lagging_concept_power must be >= 0, got {self.optim.lagging_concept_power}")
+        if not 0 <= self.optim.lagging_concept_momentum < 1:
+            problems.append(f"optim.lagging_concept_momentum must be within [0, 1), got {self.optim.lagging_concept_momentum}")
+        if self.optim.lagging_concept_max_weight < 1:
+            problems.append(f"optim.lagging_concept_max_weight must be >= 1, got {self.optim.lagging_concept_max_weight}")
         for i, val in enumerate(self.validation.sources):
             if not val.dataset:
                 problems.append(f"validation.sources[{i}].dataset is empty")

@@ -42,6 +42,7 @@ from torch import nn
 from unisegtext.errors import ConfigError, UniSegError
 from unisegtext.training.config import SourceSection, TrainConfig
 from unisegtext.training.losses import (
+    LaggingConceptWeights,
     distinct_pairs,
     mask_separation_loss,
     partial_label_loss,
@@ -454,6 +455,9 @@ def train(
     autocast = autocast_context(info.device, optim_cfg)
     autocast_dtype = getattr(autocast, "fast_dtype", None)
     pair_stats = PairStats()
+    lagging = (LaggingConceptWeights(optim_cfg.lagging_concept_power, optim_cfg.lagging_concept_momentum,
+                                     optim_cfg.lagging_concept_max_weight)
+               if optim_cfg.lagging_concept_power > 0 else None)
     detail_path = out / "metrics_detail.jsonl"
     validation_path = out / "validation.jsonl"
     if info.is_main and start_step == 0:
@@ -476,7 +480,10 @@ def train(
         parts = partial_label_loss(logits, batch.targets, batch.valid, dice_weight=optim_cfg.dice_weight,
                                    absent_topk_weight=optim_cfg.absent_topk_weight,
                                    absent_topk_fraction=optim_cfg.absent_topk_fraction,
-                                   absent_topk_floor=optim_cfg.absent_topk_floor)
+                                   absent_topk_floor=optim_cfg.absent_topk_floor,
+                                   pair_weight=lagging.pair_weights(batch.concepts, batch.valid) if lagging else None)
+        if lagging is not None:
+            lagging.update(batch.concepts, batch.valid, batch.targets, parts.pair_dice_loss)
         if queries is not None:
             separation, max_cos = query_separation_loss(queries, query_pairs, optim_cfg.query_margin)
             parts.loss = parts.loss + optim_cfg.query_weight * separation
@@ -542,7 +549,10 @@ def train(
                 )
             window, t_window = _empty_window(), time.perf_counter()
         if info.is_main and (step % config.logging.detail_every_steps == 0 or last):
-            _append_jsonl(detail_path, {"step": step, "elapsed_min": round(elapsed_min, 2), **pair_stats.summary()})
+            detail = {"step": step, "elapsed_min": round(elapsed_min, 2), **pair_stats.summary()}
+            if lagging is not None:
+                detail["dice_weights"] = lagging.snapshot()
+            _append_jsonl(detail_path, detail)
             pair_stats.reset()
         checkpoint_now = step % config.checkpoint.every_steps == 0 or last
         if checkpoint_now:
