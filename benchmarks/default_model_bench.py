@@ -49,8 +49,12 @@ def full_size_ct():
     affine = source.affine.copy()
     affine[:3, :3] = source.affine[:3, :3] / np.array(source.spacing) * target
     covered = np.array(shape) * target
-    return Volume(resized.astype(np.float32), affine, modality="CT", source=f"example CT resampled to {shape} "
-                  f"at {tuple(target)} mm ({tuple(np.round(covered))} mm; source extent {tuple(np.round(extent))} mm)")
+    def mm(values) -> str:
+        return " x ".join(f"{float(v):g}" for v in values)
+
+    return Volume(resized.astype(np.float32), affine, modality="CT",
+                  source=f"example CT resampled to {' x '.join(map(str, shape))} at {mm(target)} mm "
+                         f"(covers {mm(np.round(covered))} mm; source extent {mm(np.round(extent))} mm)")
 
 
 def peak_rss_gib() -> float:
