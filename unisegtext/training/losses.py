@@ -139,14 +139,12 @@ class LaggingConceptWeights:
             raise ValueError(f"need power >= 0, 0 <= momentum < 1, max_weight >= 1; got {power}, {momentum}, {max_weight}")
         self.power, self.momentum, self.max_weight = power, momentum, max_weight
         self.ema: dict[str, float] = {}
+        self._mean = 0.0  # mean of `ema` over concepts, refreshed by update()
 
     def weight(self, concept: str) -> float:
-        if concept not in self.ema or self.power == 0:
+        if concept not in self.ema or self.power == 0 or self._mean <= 0:
             return 1.0
-        mean = sum(self.ema.values()) / len(self.ema)
-        if mean <= 0:
-            return 1.0
-        w = (self.ema[concept] / mean) ** self.power
+        w = (self.ema[concept] / self._mean) ** self.power
         return float(min(self.max_weight, max(1.0 / self.max_weight, w)))
 
     def pair_weights(self, concepts: list[list[str]], valid: torch.Tensor) -> torch.Tensor:
@@ -170,6 +168,8 @@ class LaggingConceptWeights:
                 if bool(positive[i, j]):
                     c, x = concepts[i][j], float(losses[i, j])
                     self.ema[c] = x if c not in self.ema else self.momentum * self.ema[c] + (1 - self.momentum) * x
+        if self.ema:
+            self._mean = sum(self.ema.values()) / len(self.ema)
 
     def snapshot(self) -> dict[str, float]:
         """{concept: current weight} (for the training log)."""
