@@ -239,7 +239,7 @@ def test_lagging_concept_weights_follow_the_running_training_dice_loss():
     targets[0, :2, 0, 0, 0] = 1  # spleen absent from the patch: it must not enter the running means
     for _ in range(5):
         lag.update(concepts, valid, targets, torch.tensor([[0.1, 0.95, 0.0, 0.0]]))
-    assert set(lag.ema) == {"liver", "adrenal_gland_left"}
+    assert set(lag.ema) == {("", "liver"), ("", "adrenal_gland_left")}
     assert lag.weight("adrenal_gland_left") > 1.0 > lag.weight("liver")
     assert lag.weight("spleen") == 1.0
     w = lag.pair_weights(concepts, valid)
@@ -250,6 +250,31 @@ def test_lagging_concept_weights_follow_the_running_training_dice_loss():
     assert LaggingConceptWeights(power=0.0).pair_weights(concepts, valid).eq(1).all()
     with pytest.raises(ValueError):
         LaggingConceptWeights(power=-1.0)
+
+
+def test_lagging_concept_weights_are_relative_to_the_concepts_of_the_same_source():
+    from unisegtext.training.losses import LaggingConceptWeights
+
+    # BTCV: the liver is learnt, the oesophagus lags; the example subject: every concept lags.
+    # With one mean over all concepts the oesophagus would hardly stand out; within BTCV it does.
+    lag = LaggingConceptWeights(power=1.0, momentum=0.5, max_weight=4.0)
+    btcv = [["liver", "esophagus"]]
+    example = [["liver", "rib_left_3", "vertebrae_L1"]]
+    valid2, valid3 = torch.ones((1, 2), dtype=torch.bool), torch.ones((1, 3), dtype=torch.bool)
+    for _ in range(4):
+        lag.update(btcv, valid2, torch.ones((1, 2, 2, 2, 2)), torch.tensor([[0.1, 0.9]]), ["btcv_abdomen"])
+        lag.update(example, valid3, torch.ones((1, 3, 2, 2, 2)), torch.tensor([[0.85, 0.9, 0.95]]),
+                   ["totalseg_example_ct"])
+    oesophagus = lag.weight("esophagus", "btcv_abdomen")
+    assert oesophagus == pytest.approx(0.9 / 0.5, rel=1e-3)  # its source's mean is (0.1 + 0.9) / 2
+    assert lag.weight("liver", "btcv_abdomen") == pytest.approx(0.25)  # clipped at 1 / 4
+    # the same concept in another source has its own running mean and weight
+    assert lag.weight("liver", "totalseg_example_ct") == pytest.approx(0.85 / 0.9, rel=1e-3)
+    w = lag.pair_weights([["esophagus", "liver"], ["liver", ""]], torch.tensor([[True, True], [True, False]]),
+                         ["btcv_abdomen", "totalseg_example_ct"])
+    assert w.flatten().tolist() == pytest.approx([oesophagus, 0.25, 0.85 / 0.9, 1.0], rel=1e-3)
+    assert lag.weight("esophagus", "la_mri_2018") == 1.0  # never seen in that source
+    assert "btcv_abdomen/esophagus" in lag.snapshot()
 
 
 @pytest.mark.parametrize("bad", [{"absent_fraction": 1.0}, {"foreground_prob": 1.5}])

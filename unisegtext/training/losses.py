@@ -119,16 +119,21 @@ def partial_label_loss(
 
 class LaggingConceptWeights:
     """Weights of the Dice term per concept, from a running mean of each concept's soft Dice
-    loss on its own training pairs: a concept that lags the others weighs more.
+    loss on its own training pairs: a concept that lags the others of its source weighs more.
 
     With per-pair Dice every positive pair weighs alike, and a structure the network has not
     started to separate yet (in v6 the left adrenal gland and the oesophagus: training Dice 0.00
     after 8,352 steps while the right adrenal gland was at 0.35) gets the same share of the
-    gradient as the liver it already paints. The weight of concept ``c`` is
-    ``(ema_c / mean over concepts of ema) ** power``, clipped to ``[1 / max_weight, max_weight]``;
-    a concept not seen yet weighs 1. The running means come from the training pairs only (never
-    from validation scans), and the weights are applied through ``pair_weight`` of
-    :func:`partial_label_loss`, whose weighted mean keeps the Dice term's scale.
+    gradient as the liver it already paints. The running means are kept per (source, concept),
+    and the weight of concept ``c`` in source ``s`` is ``(ema_sc / mean over s's concepts of
+    ema) ** power``, clipped to ``[1 / max_weight, max_weight]``; a pair not seen yet weighs 1.
+
+    Why within each source: with one mean over all concepts, a source whose every concept
+    lags (the TotalSegmentator example subject: 61 concepts from one scan) raises the mean, and
+    the BTCV oesophagus, far behind the other BTCV organs, got a weight of only 1.2 in the probe
+    of 2026-12-07 (``train/probes/lagging_probe.yaml``). The running means come from the training
+    pairs only (never from validation scans), and the weights are applied through
+    ``pair_weight`` of :func:`partial_label_loss`, whose weighted mean keeps the Dice term's scale.
 
     Each rank keeps its own running means (they see different batches); they start empty on a
     resume and fill within a few dozen steps.
@@ -138,42 +143,50 @@ class LaggingConceptWeights:
         if power < 0 or not 0 <= momentum < 1 or max_weight < 1:
             raise ValueError(f"need power >= 0, 0 <= momentum < 1, max_weight >= 1; got {power}, {momentum}, {max_weight}")
         self.power, self.momentum, self.max_weight = power, momentum, max_weight
-        self.ema: dict[str, float] = {}
-        self._mean = 0.0  # mean of `ema` over concepts, refreshed by update()
+        self.ema: dict[tuple[str, str], float] = {}  # (source, concept) -> running Dice loss
+        self._mean: dict[str, float] = {}  # source -> mean of its concepts' running losses, refreshed by update()
 
-    def weight(self, concept: str) -> float:
-        if concept not in self.ema or self.power == 0 or self._mean <= 0:
+    def weight(self, concept: str, source: str = "") -> float:
+        key, mean = (source, concept), self._mean.get(source, 0.0)
+        if key not in self.ema or self.power == 0 or mean <= 0:
             return 1.0
-        w = (self.ema[concept] / self._mean) ** self.power
+        w = (self.ema[key] / mean) ** self.power
         return float(min(self.max_weight, max(1.0 / self.max_weight, w)))
 
-    def pair_weights(self, concepts: list[list[str]], valid: torch.Tensor) -> torch.Tensor:
-        """(B, P) weights for a batch's pairs (1 where the slot is padding or not annotated)."""
+    def pair_weights(self, concepts: list[list[str]], valid: torch.Tensor,
+                     sources: list[str] | None = None) -> torch.Tensor:
+        """(B, P) weights for a batch's pairs (1 where the slot is padding or not annotated);
+        ``sources`` names each sample's dataset (one group for all when omitted)."""
         b, p = valid.shape
         out = torch.ones((b, p), dtype=torch.float32)
         for i in range(b):
+            source = sources[i] if sources else ""
             for j in range(p):
                 if bool(valid[i, j]) and concepts[i][j]:
-                    out[i, j] = self.weight(concepts[i][j])
+                    out[i, j] = self.weight(concepts[i][j], source)
         return out.to(valid.device)
 
     def update(self, concepts: list[list[str]], valid: torch.Tensor, targets: torch.Tensor,
-               pair_dice_loss: torch.Tensor) -> None:
+               pair_dice_loss: torch.Tensor, sources: list[str] | None = None) -> None:
         """Fold in the soft Dice losses of a batch's valid positive pairs."""
         b, p = valid.shape
         positive = (valid.bool() & (targets.reshape(b, p, -1).sum(-1) > 0)).cpu()
         losses = pair_dice_loss.detach().float().cpu()
+        touched = set()
         for i in range(b):
+            source = sources[i] if sources else ""
             for j in range(p):
                 if bool(positive[i, j]):
-                    c, x = concepts[i][j], float(losses[i, j])
-                    self.ema[c] = x if c not in self.ema else self.momentum * self.ema[c] + (1 - self.momentum) * x
-        if self.ema:
-            self._mean = sum(self.ema.values()) / len(self.ema)
+                    key, x = (source, concepts[i][j]), float(losses[i, j])
+                    self.ema[key] = x if key not in self.ema else self.momentum * self.ema[key] + (1 - self.momentum) * x
+                    touched.add(source)
+        for source in touched:
+            values = [v for (s, _), v in self.ema.items() if s == source]
+            self._mean[source] = sum(values) / len(values)
 
     def snapshot(self) -> dict[str, float]:
-        """{concept: current weight} (for the training log)."""
-        return {c: round(self.weight(c), 3) for c in sorted(self.ema)}
+        """{"source/concept" (or "concept" without sources): current weight} (for the training log)."""
+        return {(f"{s}/{c}" if s else c): round(self.weight(c, s), 3) for s, c in sorted(self.ema)}
 
 
 def distinct_pairs(concepts: list[str]) -> torch.Tensor:
