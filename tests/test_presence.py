@@ -179,6 +179,27 @@ def test_absence_benchmark_pairs_are_built_from_validation_splits_only(shared_da
     assert bench.auroc(np.array([0.9, 0.8, 0.1, 0.8]), np.array([True, True, False, False])) == pytest.approx(0.875)
 
 
+def test_the_presence_model_is_stored_only_when_held_out_figures_say_so():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("absence_benchmark", REPO / "eval" / "absence_benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def rates(with_mask: float, called_absent: float) -> dict:
+        return {"absent_with_nonempty_mask": with_mask, "present_called_absent": called_absent}
+
+    store = bench.store_presence_model
+    assert store(rates(0.01, 0.0), rates(0.06, 0.0))          # better on one, no worse on the other
+    assert not store(rates(0.07, 0.0), rates(0.06, 0.0))      # worse on one
+    # v7: fewer absent prompts with a mask but more present ones blanked, and still past 2 %
+    assert not store(rates(0.006, 0.075), rates(0.099, 0.06))
+    # v8: within both targets where the mask rule leaves 6.2 % absent prompts with a mask
+    assert store(rates(0.006, 0.015), rates(0.062, 0.0))
+    # both within the targets already: only a model no worse on both replaces the mask rule
+    assert not store(rates(0.0, 0.015), rates(0.04, 0.0))
+
+
 def test_a_temperature_per_modality_is_chosen_only_when_held_out_scans_say_so():
     import importlib.util
 
