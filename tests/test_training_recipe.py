@@ -229,7 +229,7 @@ def test_pair_weights_make_the_dice_term_a_weighted_mean_and_shift_the_gradient(
 
 
 def test_lagging_concept_weights_follow_the_running_training_dice_loss():
-    from unisegtext.training.losses import LaggingConceptWeights
+    from unisegtext.training.losses import LaggingConceptWeights, partial_label_loss
 
     lag = LaggingConceptWeights(power=1.0, momentum=0.5, max_weight=3.0)
     assert lag.weight("liver") == 1.0  # not seen yet
@@ -237,15 +237,17 @@ def test_lagging_concept_weights_follow_the_running_training_dice_loss():
     valid = torch.tensor([[True, True, True, False]])
     targets = torch.zeros((1, 4, 4, 4, 4))
     targets[0, :2, 0, 0, 0] = 1  # spleen absent from the patch: it must not enter the running means
+    positive = partial_label_loss(torch.zeros_like(targets), targets, valid).pair_positive
+    assert positive.tolist() == [[True, True, False, False]]
     for _ in range(5):
-        lag.update(concepts, valid, targets, torch.tensor([[0.1, 0.95, 0.0, 0.0]]))
+        lag.update(concepts, positive, torch.tensor([[0.1, 0.95, 0.0, 0.0]]))
     assert set(lag.ema) == {("", "liver"), ("", "adrenal_gland_left")}
     assert lag.weight("adrenal_gland_left") > 1.0 > lag.weight("liver")
     assert lag.weight("spleen") == 1.0
     w = lag.pair_weights(concepts, valid)
     assert w.shape == (1, 4) and float(w[0, 3]) == 1.0 and float(w[0, 1]) == pytest.approx(lag.weight("adrenal_gland_left"))
     extreme = LaggingConceptWeights(power=4.0, max_weight=3.0)
-    extreme.update(concepts, valid, targets, torch.tensor([[0.01, 0.99, 0.0, 0.0]]))
+    extreme.update(concepts, positive, torch.tensor([[0.01, 0.99, 0.0, 0.0]]))
     assert extreme.weight("adrenal_gland_left") == 3.0 and extreme.weight("liver") == pytest.approx(1 / 3)
     assert LaggingConceptWeights(power=0.0).pair_weights(concepts, valid).eq(1).all()
     with pytest.raises(ValueError):
@@ -257,14 +259,14 @@ def test_lagging_concept_weights_are_relative_to_the_concepts_of_the_same_source
 
     # BTCV: the liver is learnt, the oesophagus lags; the example subject: every concept lags.
     # With one mean over all concepts the oesophagus would hardly stand out; within BTCV it does.
+    # (every pair here is positive: valid with a non-empty target)
     lag = LaggingConceptWeights(power=1.0, momentum=0.5, max_weight=4.0)
     btcv = [["liver", "esophagus"]]
     example = [["liver", "rib_left_3", "vertebrae_L1"]]
     valid2, valid3 = torch.ones((1, 2), dtype=torch.bool), torch.ones((1, 3), dtype=torch.bool)
     for _ in range(4):
-        lag.update(btcv, valid2, torch.ones((1, 2, 2, 2, 2)), torch.tensor([[0.1, 0.9]]), ["btcv_abdomen"])
-        lag.update(example, valid3, torch.ones((1, 3, 2, 2, 2)), torch.tensor([[0.85, 0.9, 0.95]]),
-                   ["totalseg_example_ct"])
+        lag.update(btcv, valid2, torch.tensor([[0.1, 0.9]]), ["btcv_abdomen"])
+        lag.update(example, valid3, torch.tensor([[0.85, 0.9, 0.95]]), ["totalseg_example_ct"])
     oesophagus = lag.weight("esophagus", "btcv_abdomen")
     assert oesophagus == pytest.approx(0.9 / 0.5, rel=1e-3)  # its source's mean is (0.1 + 0.9) / 2
     assert lag.weight("liver", "btcv_abdomen") == pytest.approx(0.25)  # clipped at 1 / 4

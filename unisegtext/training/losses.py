@@ -28,6 +28,8 @@ class LossParts:
         n_positive: valid prompts with a non-empty target.
         pair_bce: (B, P) detached BCE of every (sample, prompt) pair.
         pair_dice_loss: (B, P) detached soft Dice loss of every pair.
+        pair_positive: (B, P) bool, valid pairs whose target is not empty (the pairs of the
+            Dice term).
     """
 
     loss: torch.Tensor
@@ -37,6 +39,7 @@ class LossParts:
     n_positive: int
     pair_bce: torch.Tensor | None = None
     pair_dice_loss: torch.Tensor | None = None
+    pair_positive: torch.Tensor | None = None
 
 
 def partial_label_loss(
@@ -114,6 +117,7 @@ def partial_label_loss(
         n_positive=n_positive,
         pair_bce=bce.detach(),
         pair_dice_loss=dice_loss.detach(),
+        pair_positive=positive,
     )
 
 
@@ -166,11 +170,12 @@ class LaggingConceptWeights:
                     out[i, j] = self.weight(concepts[i][j], source)
         return out.to(valid.device)
 
-    def update(self, concepts: list[list[str]], valid: torch.Tensor, targets: torch.Tensor,
-               pair_dice_loss: torch.Tensor, sources: list[str] | None = None) -> None:
-        """Fold in the soft Dice losses of a batch's valid positive pairs."""
-        b, p = valid.shape
-        positive = (valid.bool() & (targets.reshape(b, p, -1).sum(-1) > 0)).cpu()
+    def update(self, concepts: list[list[str]], positive: torch.Tensor, pair_dice_loss: torch.Tensor,
+               sources: list[str] | None = None) -> None:
+        """Fold in the soft Dice losses of a batch's positive pairs (``positive``: (B, P) bool,
+        valid pairs with a non-empty target, :attr:`LossParts.pair_positive`)."""
+        b, p = positive.shape
+        positive = positive.bool().cpu()
         losses = pair_dice_loss.detach().float().cpu()
         touched = set()
         for i in range(b):

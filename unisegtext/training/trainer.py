@@ -483,7 +483,7 @@ def train(
                                    absent_topk_floor=optim_cfg.absent_topk_floor,
                                    pair_weight=lagging.pair_weights(batch.concepts, batch.valid, batch.sources) if lagging else None)
         if lagging is not None:
-            lagging.update(batch.concepts, batch.valid, batch.targets, parts.pair_dice_loss, batch.sources)
+            lagging.update(batch.concepts, parts.pair_positive, parts.pair_dice_loss, batch.sources)
         if queries is not None:
             separation, max_cos = query_separation_loss(queries, query_pairs, optim_cfg.query_margin)
             parts.loss = parts.loss + optim_cfg.query_weight * separation
