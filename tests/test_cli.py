@@ -64,6 +64,18 @@ def test_info_json(tiny_model_dir, capsys):
     assert info["model"]["parameters"]["backbone"] > 0
 
 
+def test_info_names_the_concepts_learnt_from_few_scans(tmp_path, capsys):
+    from unisegtext.models import UniSegText
+
+    model = UniSegText.from_preset("tiny")
+    model.config.concepts = ["liver", "vertebra_l1"]
+    model.config.concept_training_scans = {"liver": 22, "vertebra_l1": 1}
+    model.save_pretrained(tmp_path / "m")
+    assert main(["info", "--model", str(tmp_path / "m")]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("learnt from fewer than 5")]
+    assert line and line[0].endswith(" 1: vertebra_l1")
+
+
 def test_console_script_entry_point():
     proc = subprocess.run([sys.executable, "-m", "unisegtext", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and "unisegtext" in proc.stdout

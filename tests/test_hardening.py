@@ -755,6 +755,40 @@ def test_a_ct_only_concept_on_an_mr_scan_is_warned(tiny_model):
     assert not any("but the scan is" in w for w in result.resolutions["liver"].warnings)
 
 
+def test_a_concept_learnt_from_few_scans_is_warned_and_a_well_trained_one_is_not():
+    """The default model learnt 52 of its 68 concepts from the one or two TotalSegmentator example scans:
+    a user asking for "L1" must hear that this mask is a rough draft; "liver" (20 scans) not."""
+    import torch
+
+    from unisegtext.models import UniSegText
+
+    torch.manual_seed(0)
+    model = UniSegText.from_preset("tiny")
+    model.config.concepts = ["kidney_left", "kidney_right", "liver", "vertebra_l1"]
+    model.config.concept_training_scans = {"kidney_left": 20, "kidney_right": 2, "liver": 20, "vertebra_l1": 1}
+    ct = Volume(np.random.default_rng(0).uniform(-100, 200, size=(16, 16, 16)).astype(np.float32),
+                np.diag([3.0, 3.0, 3.0, 1.0]), modality="CT")
+    result = segment(ct, ["L1", "liver", "kidney"], model=model, progress=False)
+    (l1,) = [w for w in result.resolutions["L1"].warnings if "rough draft" in w]
+    assert "vertebra_l1 from 1 scan," in l1
+    assert not any("rough draft" in w for w in result.resolutions["liver"].warnings)
+    (kidney,) = [w for w in result.resolutions["kidney"].warnings if "rough draft" in w]
+    assert "kidney_right from 2 scans" in kidney and "kidney_left" not in kidney  # the weak member is named
+    model.config.inference.warn_below_training_scans = 0  # switched off
+    assert not any("rough draft" in w for w in segment(ct, ["L1"], model=model, progress=False).resolutions["L1"].warnings)
+
+
+def test_training_scan_counts_must_name_the_models_concepts():
+    from unisegtext.models.config import UniSegTextConfig
+
+    data = UniSegTextConfig(concepts=["liver"]).to_dict()
+    UniSegTextConfig.from_dict({**data, "concept_training_scans": {"liver": 20}})
+    for bad, message in (({"spleen": 3}, "not in concepts: \\['spleen'\\]"), ({"liver": -1}, "integers >= 0"),
+                         ({"liver": 2.5}, "integers >= 0")):
+        with pytest.raises(ConfigError, match=message):
+            UniSegTextConfig.from_dict({**data, "concept_training_scans": bad})
+
+
 def test_the_modality_decision_is_recorded_and_a_guess_is_warned(scan_path, tiny_model, caplog):
     guessed = segment(scan_path, ["liver"], model=tiny_model, progress=False)
     assert (guessed.modality, guessed.modality_source) == ("CT", "guessed")

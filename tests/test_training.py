@@ -333,8 +333,11 @@ def test_trainer_reads_a_prepared_totalsegmentator_layout(tmp_path, shared_data)
     )
     result = train(config, tmp_path / "run", device="cpu")
     assert result.steps == 2 and np.isfinite(result.last_loss)
-    trained = json.loads((result.final_dir / "config.json").read_text())["concepts"]
+    exported = json.loads((result.final_dir / "config.json").read_text())
+    trained = exported["concepts"]
     assert {"liver", "kidney_left", "vertebra_l1"} <= set(trained)  # the 117 annotated concepts
+    # each concept's training scans are recorded: one subject here, so every concept says 1
+    assert exported["concept_training_scans"]["liver"] == 1 and set(exported["concept_training_scans"]) <= set(trained)
 
 
 def test_synthetic_ablation_scores_the_other_subject(tiny_model_dir, shared_data):

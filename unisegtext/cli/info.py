@@ -86,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"weights sha256   {m['weights_sha256']}")
     print(f"spacing / patch  {m['spacing_mm']} mm / {m['patch_size']}")
     print(f"trained concepts {len(m['trained_concepts'])}: {', '.join(m['trained_concepts'][:20])}{' ...' if len(m['trained_concepts']) > 20 else ''}")
+    few = sorted(c for c, n in m["concept_training_scans"].items() if n < m["warn_below_training_scans"])
+    if few:
+        print(f"learnt from fewer than {m['warn_below_training_scans']} training scans (rough drafts, warned at "
+              f"inference) {len(few)}: {', '.join(few[:12])}{' ...' if len(few) > 12 else ''}")
     print("parameters:")
     for part, n in m["parameters"].items():
         print(f"  {part:22s} {n:>12,d}")

@@ -142,6 +142,23 @@ def _modality_warnings(resolution, modality: str, how: str) -> list[str]:
     return [note]
 
 
+def _training_support_warnings(resolution, config) -> list[str]:
+    """A warning when the concept (or a member of a union) was learnt from fewer training scans
+    than ``inference.warn_below_training_scans`` (the checkpoint's ``concept_training_scans``)."""
+    counts, bound = config.concept_training_scans, config.inference.warn_below_training_scans
+    if resolution.concept_id is None or not counts or bound <= 0:
+        return []
+    members = resolution.union_of or [resolution.concept_id]
+    few = {m: counts[m] for m in members if m in counts and counts[m] < bound}
+    if not few:
+        return []
+    listed = ", ".join(f"{m} from {n} scan{'s' if n != 1 else ''}" for m, n in few.items())
+    note = (f"{resolution.prompt!r}: this model learnt {listed}, too few for any held-out validation; "
+            "treat the mask as a rough draft and check it (the model card lists the validated structures)")
+    logger.warning(note)
+    return [note]
+
+
 def postprocess_probabilities(probabilities: torch.Tensor, texts: Sequence[str], resolutions, config, threshold: float) -> torch.Tensor:
     """Model-space post-processing of (P, X', Y', Z') probabilities, one map per queried text:
     with ``inference.keep_largest_component``, a concept that the knowledge tree marks
@@ -296,6 +313,7 @@ def segment(
                        "(CLI: --modality) if that is wrong", chosen_modality, vol.source or "the scan")
     for r in resolutions:
         r.warnings.extend(_modality_warnings(r, chosen_modality, modality_source))
+        r.warnings.extend(_training_support_warnings(r, cfg))
 
     with torch.inference_mode():
         text_embeddings = net.encode_text(texts).to(dev)

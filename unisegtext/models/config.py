@@ -138,6 +138,9 @@ class InferenceConfig:
         presence: the presence model (:mod:`unisegtext.inference.presence`): ``weights`` (3),
             ``bias``, decision ``threshold``, and how it was fitted; empty = "present when the
             mask is not empty".
+        warn_below_training_scans: a prompt whose concept was labelled in fewer training scans
+            than this gets a warning with its mask (see ``UniSegTextConfig.concept_training_scans``);
+            0 = never warn.
     """
 
     overlap: float = 0.25
@@ -150,6 +153,9 @@ class InferenceConfig:
     temperature: float = 1.0
     temperature_by_modality: dict[str, float] = field(default_factory=dict)
     presence: dict[str, Any] = field(default_factory=dict)
+    # 5: one scan per fold of a five-fold cross-validation; below it no held-out figure of the
+    # structure can exist (the default model's concepts come from 1-2 scans or from 16 and more)
+    warn_below_training_scans: int = 5
 
     def temperature_for(self, modality: str | None) -> float:
         """The temperature for a scan of this modality (the single one when none is listed)."""
@@ -162,6 +168,9 @@ class UniSegTextConfig:
 
     Attributes:
         concepts: the knowledge-tree concept ids the model was trained on (empty: untrained).
+        concept_training_scans: per concept, the number of training scans whose labels held it
+            in the last training stage (empty: not recorded, e.g. older checkpoints). A
+            structure learnt from one or two scans is a rough draft, and inference says so.
         ontology_version: the knowledge tree version used in training.
         preset: the size preset it was made from, for information.
     """
@@ -172,6 +181,7 @@ class UniSegTextConfig:
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     concepts: list[str] = field(default_factory=list)
+    concept_training_scans: dict[str, int] = field(default_factory=dict)
     ontology_version: str = ""
     preset: str = ""
     model_type: str = "unisegtext"
@@ -387,6 +397,14 @@ def _range_problems(config: UniSegTextConfig) -> list[str]:
                  and math.isfinite(v) and 0.01 <= v <= 100.0 for k, v in i.temperature_by_modality.items()),
          "inference.temperature_by_modality must map 'CT' / 'MR' to temperatures within 0.01..100, got "
          f"{i.temperature_by_modality!r}"[:300])
+    need(0 <= i.warn_below_training_scans <= 1_000_000,
+         f"inference.warn_below_training_scans must be within 0..1000000, got {i.warn_below_training_scans}")
+    counts = config.concept_training_scans
+    unknown = sorted(set(counts) - set(config.concepts)) if isinstance(counts, dict) else []
+    need(isinstance(counts, dict) and not unknown
+         and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts.values()),
+         "concept_training_scans must map concepts of 'concepts' to scan counts (integers >= 0)"
+         + (f"; not in concepts: {unknown[:3]}" if unknown else "") + f", got {counts!r}"[:200])
     if i.presence:
         weights, bias, cut = i.presence.get("weights"), i.presence.get("bias"), i.presence.get("threshold", 0.5)
         ok = (isinstance(weights, list) and len(weights) == 3

@@ -364,6 +364,8 @@ def describe(model: UniSegText) -> dict[str, Any]:
         "spacing_mm": list(cfg.preprocessing.spacing_mm),
         "patch_size": list(cfg.preprocessing.patch_size),
         "trained_concepts": list(cfg.concepts),
+        "concept_training_scans": dict(cfg.concept_training_scans),
+        "warn_below_training_scans": cfg.inference.warn_below_training_scans,
         "ontology_version": cfg.ontology_version,
         "weights_sha256": model.weights_sha256,
         "parameters": model.parameter_counts(),

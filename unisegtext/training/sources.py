@@ -208,6 +208,16 @@ class SourceCases:
         return sorted(self.concept_cases)
 
 
+def concept_scan_counts(sources: dict[str, SourceCases]) -> dict[str, int]:
+    """Per concept, the number of training scans (over all sources) whose labels hold it: what
+    the model card and inference's warning call "learnt from N scans"."""
+    counts: dict[str, int] = {}
+    for source in sources.values():
+        for concept, members in source.concept_cases.items():
+            counts[concept] = counts.get(concept, 0) + len(set(members))
+    return dict(sorted(counts.items()))
+
+
 def _outside_field_of_view(dataset: str) -> list[str]:
     """The registry's ``outside_field_of_view`` of a dataset (empty for one not registered)."""
     from unisegtext.data import get_descriptor

@@ -286,12 +286,14 @@ class TrainResult:
     model: Any = field(default=None, repr=False)
 
 
-def build_model(config: TrainConfig, concepts: list[str]):
-    """The model to train: a preset (+ overrides) or ``model.init_from``, with its concept list."""
+def build_model(config: TrainConfig, concepts: list[str], scan_counts: dict[str, int] | None = None):
+    """The model to train: a preset (+ overrides) or ``model.init_from``, with its concept list
+    and, when given, each concept's number of training scans (``concept_training_scans``)."""
     from unisegtext.models import UniSegText, config_from_preset
 
     model_cfg = config_from_preset(config.model.preset, **config.model.overrides)
     model_cfg.concepts = list(concepts)
+    model_cfg.concept_training_scans = {c: int(n) for c, n in (scan_counts or {}).items() if c in model_cfg.concepts}
     try:
         from unisegtext.knowledge import load_tree
 
@@ -382,7 +384,7 @@ def train(
 
     # ---- data
     from unisegtext.models.config import config_from_preset
-    from unisegtext.training.sources import build_cache, load_sources
+    from unisegtext.training.sources import build_cache, concept_scan_counts, load_sources
 
     preprocessing = config_from_preset(config.model.preset, **config.model.overrides).preprocessing
     trained = {src.dataset for src in config.data.sources}
@@ -408,7 +410,7 @@ def train(
 
     # ---- model and optimiser (same seed on every rank: identical initial weights)
     seed_everything(config.seed)
-    model = build_model(config, concepts).to(info.device)
+    model = build_model(config, concepts, concept_scan_counts(sources)).to(info.device)
     if config.optim.channels_last:
         model.backbone.to(memory_format=torch.channels_last_3d)
     model.train()
