@@ -62,6 +62,19 @@ def default_model() -> UniSegText:
     return UniSegText.from_pretrained(DEFAULT_MODEL).eval()
 
 
+def test_the_default_model_warns_for_concepts_it_learnt_from_the_example_scans_only(default_model):
+    """'L1' was learnt from the one TotalSegmentator example CT (the README command draws it on
+    the whole lumbar spine): its result must carry a warning; BTCV's organs (20+ scans) not."""
+    from unisegtext.inference.prompts import resolve_prompts
+    from unisegtext.inference.segment import _training_support_warnings
+
+    cfg = default_model.config
+    assert set(cfg.concept_training_scans) == set(cfg.concepts)
+    l1, liver, kidney = resolve_prompts(["L1", "liver", "kidney"], cfg.concepts, cfg.text.template)
+    assert "rough draft" in " ".join(_training_support_warnings(l1, cfg))
+    assert _training_support_warnings(liver, cfg) == [] and _training_support_warnings(kidney, cfg) == []
+
+
 def test_the_default_model_keeps_distinct_concepts_apart(default_model):
     concepts = list(default_model.config.concepts)
     assert len(concepts) >= 60
