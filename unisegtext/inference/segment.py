@@ -153,7 +153,7 @@ def _training_support_warnings(resolution, config) -> list[str]:
     if not few:
         return []
     listed = ", ".join(f"{m} from {n} scan{'s' if n != 1 else ''}" for m, n in few.items())
-    note = (f"{resolution.prompt!r}: this model learnt {listed}, too few for any held-out validation; "
+    note = (f"{resolution.prompt!r}: this model learnt {listed}, too few to have been validated on held-out scans; "
             "treat the mask as a rough draft and check it (the model card lists the validated structures)")
     logger.warning(note)
     return [note]

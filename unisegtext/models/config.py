@@ -153,8 +153,8 @@ class InferenceConfig:
     temperature: float = 1.0
     temperature_by_modality: dict[str, float] = field(default_factory=dict)
     presence: dict[str, Any] = field(default_factory=dict)
-    # 5: one scan per fold of a five-fold cross-validation; below it no held-out figure of the
-    # structure can exist (the default model's concepts come from 1-2 scans or from 16 and more)
+    # 5: the fewest scans that let nnU-Net's five-fold cross-validation hold one out per fold;
+    # the default model's concepts come from 1-2 scans or from 20 and more, so it separates those
     warn_below_training_scans: int = 5
 
     def temperature_for(self, modality: str | None) -> float:
