@@ -293,7 +293,7 @@ def build_model(config: TrainConfig, concepts: list[str], scan_counts: dict[str,
 
     model_cfg = config_from_preset(config.model.preset, **config.model.overrides)
     model_cfg.concepts = list(concepts)
-    model_cfg.concept_training_scans = {c: int(n) for c, n in (scan_counts or {}).items() if c in model_cfg.concepts}
+    model_cfg.concept_training_scans = dict(scan_counts or {})
     try:
         from unisegtext.knowledge import load_tree
 
